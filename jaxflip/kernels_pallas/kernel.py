@@ -1,0 +1,112 @@
+"""The Pallas kernel: one program flips one block of the (flattened, local) array.
+
+On GPU it lowers through Triton; Pallas's Triton lowering has no rule for ``lax.mulhi``, so
+the high word of the Philox products comes from PTX ``mul.hi.u32``. In interpret mode (CPU)
+the same kernel body runs with ``lax.mulhi``. Halves, dtype and threshold are compile-time
+constants, so each configuration gets straight-line code with no unused Philox call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxflip.kernels_pallas.layout import Segments, segments_global_index
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits
+
+DEFAULT_BLOCK = 1024
+DEFAULT_NUM_WARPS = 4
+
+
+def ptx_mulhi(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """High 32 bits of the uint32 product, by PTX (operands as int32: the lowering asserts
+    on unsigned operand types)."""
+    [hi] = plgpu.elementwise_inline_asm(
+        "mul.hi.u32 $0, $1, $2;",
+        args=[lax.bitcast_convert_type(a, jnp.int32), lax.bitcast_convert_type(b, jnp.int32)],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+    )
+    return lax.bitcast_convert_type(hi, jnp.uint32)
+
+
+def _bitflip_kernel(
+    scalars_ref, x_ref, *out_refs, n, block, segments, exp_halves, frac_halves,
+    dtype_name, threshold, interpret,
+):
+    y_ref = out_refs[0]
+    local = pl.program_id(0) * block + lax.iota(jnp.int32, block)
+    in_bounds = local < n
+    index = segments_global_index(local.astype(jnp.uint32), segments, scalars_ref[2])
+    if interpret:
+        x = x_ref[...]
+    else:
+        x = plgpu.load(x_ref, mask=in_bounds, other=0)
+    bits = lax.bitcast_convert_type(x, BITS_DTYPE[dtype_name])
+    bits = flip_bits(
+        bits, index, scalars_ref[0], scalars_ref[1], exp_halves, frac_halves, dtype_name,
+        mulhi=lax.mulhi if interpret else ptx_mulhi,
+    )
+    y = lax.bitcast_convert_type(bits, x.dtype)
+    outs = [y]
+    if threshold is not None:
+        keep = jnp.abs(y.astype(jnp.float32)) < jnp.float32(threshold)
+        outs = [jnp.where(keep, y, jnp.zeros_like(y)), keep.astype(jnp.int8)]
+    for ref, value in zip(out_refs, outs):
+        if interpret:
+            ref[...] = value
+        else:
+            plgpu.store(ref, value, mask=in_bounds)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("segments", "exp_halves", "frac_halves", "threshold", "interpret",
+                     "block", "num_warps"),
+)
+def bitflip_pallas(
+    x_flat: jnp.ndarray,
+    scalars: jnp.ndarray,
+    *,
+    segments: Segments,
+    exp_halves: int | None,
+    frac_halves: int | None,
+    threshold: float | None,
+    interpret: bool,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = DEFAULT_NUM_WARPS,
+):
+    """Flip a flat array. ``scalars`` is uint32 ``[seed_exp, seed_frac, base, 0]``.
+
+    Returns ``y`` and, when ``threshold`` is set, the int8 keep mask (``|y| < threshold``
+    before zero-out), which is the backward pass's exact residual.
+    """
+    (n,) = x_flat.shape
+    dtype_name = jnp.dtype(x_flat.dtype).name
+    block = min(block, max(16, pl.next_power_of_2(n)))
+    out_shape = [jax.ShapeDtypeStruct((n,), x_flat.dtype)]
+    if threshold is not None:
+        out_shape.append(jax.ShapeDtypeStruct((n,), jnp.int8))
+    kernel = functools.partial(
+        _bitflip_kernel, n=n, block=block, segments=segments, exp_halves=exp_halves,
+        frac_halves=frac_halves, dtype_name=dtype_name, threshold=threshold, interpret=interpret,
+    )
+    block_spec = pl.BlockSpec((block,), lambda i: (i,))
+    compiler_params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n, block),),
+        in_specs=[pl.BlockSpec((4,), lambda i: (0,)), block_spec],
+        out_specs=[block_spec] * len(out_shape),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="jaxflip_random_bitflip",
+    )(scalars, x_flat)
+    return outs[0], (outs[1] if threshold is not None else None)

@@ -1,0 +1,107 @@
+"""Philox-4x32 exactly as ``triton.language.randint4x`` computes it, and the flip masks.
+
+This module is the single source of truth for the random bits of jaxflip: the Pallas kernel
+(GPU and interpret mode) and the plain ``jax.numpy`` path both call :func:`flip_bits`.
+Everything here is elementwise on ``uint32`` arrays, so it traces the same inside a Pallas
+kernel body and in ordinary XLA code; only the 32x32->high-32 multiply differs per backend
+and is passed in as ``mulhi``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+from jax import lax
+
+MulHi = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+
+# Sign+exponent and fraction masks, in the unsigned integer type of the float's width.
+SIGN_EXP_MASK = {"float32": 0xFF800000, "float16": 0xFC00, "bfloat16": 0xFF80}
+FRAC_MASK = {"float32": 0x007FFFFF, "float16": 0x03FF, "bfloat16": 0x007F}
+BITS_DTYPE = {"float32": jnp.uint32, "float16": jnp.uint16, "bfloat16": jnp.uint16}
+
+
+def philox_rounds(halves: int) -> int:
+    """Philox rounds mase-triton uses for a group with ``halves`` (SPEC: 10 / 12 / 16)."""
+    if halves < 13:
+        return 10
+    if halves < 19:
+        return 12
+    return 16
+
+
+def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: MulHi = lax.mulhi):
+    """Philox-4x32 of counter ``(counter, 0, 0, 0)`` and key ``(key, 0)``.
+
+    ``counter`` is a uint32 array, ``key`` a uint32 scalar (the low word of the seed; the
+    high word is 0 for every seed in jaxflip's contract, seed < 2**31 - 8). Returns the four
+    uint32 output words. Words a caller never uses are dead code for XLA / Triton, so asking
+    for fewer words than four costs fewer multiplies in the last round.
+    """
+    u32 = jnp.uint32
+    c0 = counter
+    c1 = c2 = c3 = jnp.zeros_like(counter)
+    k0 = key.astype(u32)
+    k1 = jnp.zeros_like(k0)
+    round_a = u32(PHILOX_ROUND_A)
+    round_b = u32(PHILOX_ROUND_B)
+    for _ in range(n_rounds):
+        hi_b, lo_b = mulhi(jnp.full_like(c2, round_b), c2), round_b * c2
+        hi_a, lo_a = mulhi(jnp.full_like(c0, round_a), c0), round_a * c0
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = k0 + u32(PHILOX_KEY_A)
+        k1 = k1 + u32(PHILOX_KEY_B)
+    return c0, c1, c2, c3
+
+
+def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhi: MulHi = lax.mulhi):
+    """uint32 word whose set bits flip with probability ``0.5 ** halves`` each.
+
+    The AND of ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the four
+    words of ``philox(seed + k, index)`` for ``k < q``, then the first ``r`` words of
+    ``philox(seed + q, index)``. mase-triton also computes ``philox(seed + q)`` when r == 0
+    and discards it; we do not compute it at all.
+    """
+    n_rounds = philox_rounds(halves)
+    q, r = divmod(halves, 4)
+    seed = seed.astype(jnp.uint32)
+    bits = None
+    for k in range(q + (1 if r else 0)):
+        words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhi)
+        for word in words[: 4 if k < q else r]:
+            bits = word if bits is None else bits & word
+    return bits
+
+
+def flip_bits(
+    bits: jnp.ndarray,
+    index: jnp.ndarray,
+    seed_exp: jnp.ndarray,
+    seed_frac: jnp.ndarray,
+    exp_halves: int | None,
+    frac_halves: int | None,
+    dtype_name: str,
+    mulhi: MulHi = lax.mulhi,
+) -> jnp.ndarray:
+    """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
+
+    The exponent group then the fraction group, each with its own halves and seed. The
+    Philox words are 32-bit; for 16-bit floats the reference truncates each word to 16 bits
+    before ANDing, which equals truncating the AND, so we AND in uint32 and narrow once.
+    """
+    bits_dtype = bits.dtype
+    for halves, seed, mask in (
+        (exp_halves, seed_exp, SIGN_EXP_MASK[dtype_name]),
+        (frac_halves, seed_frac, FRAC_MASK[dtype_name]),
+    ):
+        if halves is None:
+            continue
+        word = flip_mask(index, seed, halves, mulhi) & jnp.uint32(mask)
+        bits = bits ^ word.astype(bits_dtype)
+    return bits

@@ -1,0 +1,255 @@
+"""``random_bitflip``: mase-triton's random bit flip, bit for bit, as a differentiable JAX op.
+
+Contract (``SPEC.md``): flip each sign/exponent bit with probability ``0.5 ** exp_halves`` and
+each fraction bit with ``0.5 ** frac_halves``, keyed on the element's global row-major index
+and the group's seed; optionally zero out ``|y| >= zero_out_threshold`` (NaN and inf too);
+return the output and the advanced seeds. The gradient is straight-through, masked by the
+zero-out.
+
+Backends: ``"pallas"`` (GPU kernel), ``"interpret"`` (the same kernel in Pallas interpret
+mode), ``"jnp"`` (XLA elementwise code). ``None`` picks ``pallas`` on GPU and ``jnp``
+elsewhere; the environment variable ``JAXFLIP_BITFLIP_BACKEND`` overrides the default. All
+three call the same Philox and mask code (``philox.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxflip.kernels_pallas.kernel import bitflip_pallas
+from jaxflip.kernels_pallas.layout import (
+    Segments,
+    nd_global_index,
+    row_major_strides,
+    shard_segments,
+)
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+MAX_HALVES = 24
+SEED_LIMIT = 2**31 - 8
+BACKENDS = ("pallas", "interpret", "jnp")
+
+
+def find_nearest_prob_n_halves(p: float | None) -> int | None:
+    """``ceil(log2(1 / p))``: the halves whose ``0.5 ** halves`` is the largest <= ``p``."""
+    if p is None:
+        return None
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p < 1:
+        raise ValueError(f"flip probability must be a number in (0, 1), got {p!r}")
+    return math.ceil(math.log2(1 / p))
+
+
+def calculate_flip_probability(halves: int | None) -> float | None:
+    """``0.5 ** halves``."""
+    if halves is None:
+        return None
+    _check_halves("halves", halves)
+    return 0.5**halves
+
+
+def _check_halves(name: str, halves) -> None:
+    if halves is None:
+        return
+    if isinstance(halves, bool) or not isinstance(halves, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in 1..{MAX_HALVES} or None, got {halves!r}")
+    if not 1 <= halves <= MAX_HALVES:
+        raise ValueError(f"{name} must be in 1..{MAX_HALVES} (flip probability 0.5**{name}), got {halves}")
+
+
+def _is_python_seed(seed) -> bool:
+    return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+
+
+def _check_seed(name: str, seed) -> None:
+    if isinstance(seed, bool):
+        raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
+    if _is_python_seed(seed):
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"{name} must satisfy 0 <= seed < 2**31 - 8 (mase-triton's exact range), got {seed}")
+        return
+    dtype = getattr(seed, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or getattr(seed, "ndim", 0) != 0:
+        raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
+
+
+def _advance(seed, halves: int | None):
+    if halves is None:
+        return seed
+    step = math.ceil(halves / 4)
+    if _is_python_seed(seed):
+        return int(seed) + step
+    return seed + jnp.asarray(step, seed.dtype)
+
+
+def _default_backend(x) -> str:
+    forced = os.environ.get("JAXFLIP_BITFLIP_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"JAXFLIP_BITFLIP_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        return forced
+    devices = x.devices() if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) else None
+    platform = next(iter(devices)).platform if devices else jax.default_backend()
+    return "pallas" if platform == "gpu" else "jnp"
+
+
+@dataclass(frozen=True)
+class FlipConfig:
+    """Everything static about one flip: it selects the compiled code."""
+
+    exp_halves: int | None
+    frac_halves: int | None
+    threshold: float | None
+    backend: str
+    sharding: NamedSharding | None = None
+
+
+def random_bitflip(
+    x,
+    exp_halves: int | None,
+    frac_halves: int | None,
+    seed_exp,
+    seed_frac,
+    zero_out_threshold: float | None = None,
+    *,
+    backend: str | None = None,
+    sharding: NamedSharding | None = None,
+):
+    """Flip random bits of ``x``; returns ``(y, next_seed_exp, next_seed_frac)``.
+
+    Same semantics as ``mase_triton.random_bitflip.functional.random_bitflip_fn`` on any
+    shape (element index = row-major position), for float32, float16 and bfloat16, with
+    either group allowed to be None. Seeds are Python ints (0 <= seed < 2**31 - 8) or JAX
+    integer scalars (traced under ``jit``); the returned seeds are of the same kind and
+    advance by ``ceil(halves / 4)`` for each group that flipped.
+
+    ``sharding``: the ``NamedSharding`` of ``x`` when it is traced inside ``jit`` on GPU, so
+    that each device's Pallas kernel flips its own shard with its global indices. A concrete
+    sharded ``jax.Array`` brings its own sharding. The ``jnp`` backend needs neither: XLA
+    partitions it.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
+        raise TypeError(f"random_bitflip: unsupported dtype {dtype}; expected float32, float16 or bfloat16")
+    _check_halves("exp_halves", exp_halves)
+    _check_halves("frac_halves", frac_halves)
+    _check_seed("seed_exp", seed_exp)
+    _check_seed("seed_frac", seed_frac)
+    if zero_out_threshold is not None:
+        if isinstance(zero_out_threshold, bool) or not isinstance(zero_out_threshold, (int, float, np.floating)):
+            raise TypeError(f"zero_out_threshold must be a float or None, got {zero_out_threshold!r}")
+        if not zero_out_threshold >= 0:
+            raise ValueError(f"zero_out_threshold must be >= 0, got {zero_out_threshold}")
+        zero_out_threshold = float(zero_out_threshold)
+    if math.prod(x.shape) >= 2**32:
+        raise ValueError(f"random_bitflip: {math.prod(x.shape)} elements exceed the 2**32 Philox counters")
+    backend = backend or _default_backend(x)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if exp_halves is None and frac_halves is None:
+        if zero_out_threshold is None:
+            return x, seed_exp, seed_frac
+        y = jnp.where(jnp.abs(x.astype(jnp.float32)) < zero_out_threshold, x, jnp.zeros_like(x))
+        return y, seed_exp, seed_frac
+
+    if sharding is None and backend != "jnp" and isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if isinstance(x.sharding, NamedSharding) and len(x.sharding.device_set) > 1:
+            sharding = x.sharding
+    config = FlipConfig(exp_halves, frac_halves, zero_out_threshold, backend,
+                        sharding if backend != "jnp" else None)
+    seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
+    y = _flip(x, seeds, config)
+    return y, _advance(seed_exp, exp_halves), _advance(seed_frac, frac_halves)
+
+
+def _flip_forward(x, seeds, config: FlipConfig):
+    """``(y, keep)``; keep is None without zero-out."""
+    if x.size == 0:
+        keep = None if config.threshold is None else jnp.ones(x.shape, jnp.int8)
+        return x, keep
+    if config.backend == "jnp":
+        return _flip_jnp(x, seeds, config)
+    if config.sharding is not None and len(config.sharding.device_set) > 1:
+        return _flip_pallas_sharded(x, seeds, config)
+    return _flip_pallas_local(x, seeds, jnp.uint32(0), ((x.size, 1),), config)
+
+
+def _flip_jnp(x, seeds, config: FlipConfig):
+    dtype_name = jnp.dtype(x.dtype).name
+    bits = jax.lax.bitcast_convert_type(x, BITS_DTYPE[dtype_name])
+    bits = flip_bits(bits, nd_global_index(x.shape), seeds[0], seeds[1],
+                     config.exp_halves, config.frac_halves, dtype_name)
+    y = jax.lax.bitcast_convert_type(bits, x.dtype)
+    if config.threshold is None:
+        return y, None
+    keep = jnp.abs(y.astype(jnp.float32)) < jnp.float32(config.threshold)
+    return jnp.where(keep, y, jnp.zeros_like(y)), keep.astype(jnp.int8)
+
+
+def _flip_pallas_local(x, seeds, base, segments: Segments, config: FlipConfig):
+    scalars = jnp.stack([seeds[0], seeds[1], jnp.asarray(base, jnp.uint32), jnp.uint32(0)])
+    y, keep = bitflip_pallas(
+        x.reshape(-1), scalars, segments=segments, exp_halves=config.exp_halves,
+        frac_halves=config.frac_halves, threshold=config.threshold,
+        interpret=config.backend == "interpret",
+    )
+    return y.reshape(x.shape), None if keep is None else keep.reshape(x.shape)
+
+
+def _flip_pallas_sharded(x, seeds, config: FlipConfig):
+    """Each device runs the kernel on its shard with the shard's global indices."""
+    mesh = config.sharding.mesh
+    spec = tuple(config.sharding.spec) + (None,) * (x.ndim - len(config.sharding.spec))
+    dim_axes = [() if s is None else ((s,) if isinstance(s, str) else tuple(s)) for s in spec]
+    shards = [math.prod(mesh.shape[a] for a in axes) for axes in dim_axes]
+    if any(size % n for size, n in zip(x.shape, shards)):
+        raise ValueError(f"random_bitflip: shape {x.shape} does not divide evenly over sharding {spec}")
+    local_shape = tuple(size // n for size, n in zip(x.shape, shards))
+    segments = shard_segments(x.shape, local_shape)
+    strides = row_major_strides(x.shape)
+    pspec = PartitionSpec(*spec)
+
+    def per_shard(x_local, seeds):
+        base = jnp.uint32(0)
+        for axes, local, stride in zip(dim_axes, local_shape, strides):
+            if not axes:
+                continue
+            shard = jnp.uint32(0)
+            for axis in axes:
+                shard = shard * jnp.uint32(mesh.shape[axis]) + jax.lax.axis_index(axis).astype(jnp.uint32)
+            base = base + shard * jnp.uint32(local * stride)
+        y, keep = _flip_pallas_local(x_local, seeds, base, segments, config)
+        return (y, keep) if keep is not None else (y,)
+
+    out_specs = (pspec, pspec) if config.threshold is not None else (pspec,)
+    outs = jax.shard_map(per_shard, mesh=mesh, in_specs=(pspec, PartitionSpec()),
+                         out_specs=out_specs, check_vma=False)(x, seeds)
+    return outs[0], (outs[1] if config.threshold is not None else None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _flip(x, seeds, config: FlipConfig):
+    return _flip_forward(x, seeds, config)[0]
+
+
+def _flip_fwd(x, seeds, config: FlipConfig):
+    y, keep = _flip_forward(x, seeds, config)
+    return y, keep
+
+
+def _flip_bwd(config: FlipConfig, keep, grad_y):
+    if keep is None:
+        return grad_y, None
+    return jnp.where(keep != 0, grad_y, jnp.zeros_like(grad_y)), None
+
+
+_flip.defvjp(_flip_fwd, _flip_bwd)

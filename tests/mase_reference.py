@@ -1,0 +1,118 @@
+"""mase-triton, the referee, runnable without a GPU.
+
+On a machine without CUDA, ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` before triton
+is imported) runs mase-triton's own Triton kernels on CPU tensors. Per SPEC.md: launch the
+kernel under the autotuner with one large block, pass a dummy halves for a skipped group
+(the launcher cannot pack None), and, for the torch layers, register the custom ops'
+original bodies as their CPU kernels. With CUDA present the same functions run on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    from mase_triton.random_bitflip import core as mase_core
+except ImportError:  # pragma: no cover - the parity extra is not installed
+    triton = mase_core = None
+
+INTERPRET_BLOCK = 65536
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BITS = {"float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
+
+
+def available() -> bool:
+    return mase_core is not None
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_torch(x: np.ndarray | object, dtype_name: str) -> torch.Tensor:
+    """Exact copy of a numpy/JAX array (bit pattern preserved) as a torch tensor."""
+    bits = np.asarray(x).view(np.uint32 if dtype_name == "float32" else np.uint16)
+    signed = bits.view(np.int32 if dtype_name == "float32" else np.int16)
+    return torch.from_numpy(signed.copy()).view(TORCH_DTYPES[dtype_name]).to(device())
+
+
+def bits_of(t: torch.Tensor) -> np.ndarray:
+    name = str(t.dtype).removeprefix("torch.")
+    raw = t.detach().cpu().contiguous().view(_BITS[name]).numpy()
+    return raw.view(np.uint32 if name == "float32" else np.uint16)
+
+
+def _meta(t: torch.Tensor, exp_halves, frac_halves):
+    from mase_triton.dtype import TORCH_DTYPE_TO_TRITON
+
+    return dict(
+        exp_halves=exp_halves if exp_halves is not None else 1,
+        frac_halves=frac_halves if frac_halves is not None else 1,
+        SKIP_EXP_FLIP=exp_halves is None,
+        SKIP_FRAC_FLIP=frac_halves is None,
+        INPUT_DTYPE=TORCH_DTYPE_TO_TRITON[t.dtype],
+        BIN_DTYPE=mase_core.BIT_FLIP_DTYPE_MAP[t.dtype],
+        EXP_PHILOX_N_ROUNDS=mase_core._get_philox_n_rounds(exp_halves),
+        FRAC_PHILOX_N_ROUNDS=mase_core._get_philox_n_rounds(frac_halves),
+    )
+
+
+def _launch(kernel_name: str, n: int, *args, **kwargs):
+    autotuned = getattr(mase_core, kernel_name)
+    if device() == "cpu":
+        kernel = autotuned.fn
+        kwargs["BLOCK_SIZE"] = INTERPRET_BLOCK
+        grid = (math.ceil(n / INTERPRET_BLOCK),)
+    else:
+        kernel = autotuned
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_SIZE"]),)  # noqa: E731
+    kernel[grid](*args, **kwargs)
+
+
+def mase_forward(x: torch.Tensor, exp_halves, frac_halves, seed_exp, seed_frac, threshold):
+    """mase-triton's forward kernel on ``x``; also for one group None, which its Python
+    wrapper cannot launch."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _launch(
+        "_random_bitflip_forward_kernel", x.numel(), x, out,
+        n_elements=x.numel(), seed_exp=seed_exp, seed_frac=seed_frac,
+        zero_out_threshold=threshold if threshold is not None else 0.0,
+        ENABLE_ZERO_OUT=threshold is not None, **_meta(x, exp_halves, frac_halves),
+    )
+    return out
+
+
+def mase_backward(x: torch.Tensor, grad_y: torch.Tensor, exp_halves, frac_halves, seed_exp, seed_frac, threshold):
+    """mase-triton's zero-out backward kernel (it recomputes the flips to find the mask)."""
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    grad_x = torch.empty_like(x)
+    _launch(
+        "_random_bitflip_zero_outed_backward_kernel", x.numel(), x, grad_y, grad_x,
+        n_elements=x.numel(), seed_exp=seed_exp, seed_frac=seed_frac,
+        zero_out_threshold=threshold, GRAD_DTYPE=_meta(grad_y, None, None)["INPUT_DTYPE"],
+        **_meta(x, exp_halves, frac_halves),
+    )
+    return grad_x
+
+
+_installed = False
+
+
+def install_cpu_kernels() -> None:
+    """Make mase-triton's torch ops and layers run on CPU tensors through the interpreter."""
+    global _installed
+    if _installed or device() != "cpu":
+        return
+    one_block = [triton.Config({"BLOCK_SIZE": INTERPRET_BLOCK}, num_stages=1)]
+    mase_core._random_bitflip_forward_kernel.configs = one_block
+    mase_core._random_bitflip_zero_outed_backward_kernel.configs = one_block
+    mase_core.random_bitflip_fn.register_kernel("cpu")(mase_core.random_bitflip_fn._init_fn)
+    mase_core._random_bitflip_backward.register_kernel("cpu")(mase_core._random_bitflip_backward._init_fn)
+    torch.cuda.device = lambda index: contextlib.nullcontext()
+    _installed = True
