@@ -2,7 +2,7 @@
 
 On GPU it lowers through Triton; Pallas's Triton lowering has no rule for ``lax.mulhi``, so
 the high word of the Philox products comes from PTX ``mul.hi.u32``. In interpret mode (CPU)
-the same kernel body runs with ``lax.mulhi``. Halves, dtype and threshold are compile-time
+the same kernel body runs with the portable 16-bit-split multiply. Halves, dtype and threshold are compile-time
 constants, so each configuration gets straight-line code with no unused Philox call.
 """
 
@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxflip.kernels_pallas.layout import Segments, segments_global_index
-from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhi_16bit_split, zero_out_keep
 
 DEFAULT_BLOCK = 1024
 DEFAULT_NUM_WARPS = 4
@@ -40,24 +40,18 @@ def _bitflip_kernel(
     scalars_ref, x_ref, *out_refs, n, block, segments, exp_halves, frac_halves,
     dtype_name, threshold, interpret,
 ):
-    y_ref = out_refs[0]
     local = pl.program_id(0) * block + lax.iota(jnp.int32, block)
     in_bounds = local < n
     index = segments_global_index(local.astype(jnp.uint32), segments, scalars_ref[2])
-    if interpret:
-        x = x_ref[...]
-    else:
-        x = plgpu.load(x_ref, mask=in_bounds, other=0)
-    bits = lax.bitcast_convert_type(x, BITS_DTYPE[dtype_name])
+    bits = x_ref[...] if interpret else plgpu.load(x_ref, mask=in_bounds, other=0)
     bits = flip_bits(
         bits, index, scalars_ref[0], scalars_ref[1], exp_halves, frac_halves, dtype_name,
-        mulhi=lax.mulhi if interpret else ptx_mulhi,
+        mulhi=mulhi_16bit_split if interpret else ptx_mulhi,
     )
-    y = lax.bitcast_convert_type(bits, x.dtype)
-    outs = [y]
+    outs = [bits]
     if threshold is not None:
-        keep = jnp.abs(y.astype(jnp.float32)) < jnp.float32(threshold)
-        outs = [jnp.where(keep, y, jnp.zeros_like(y)), keep.astype(jnp.int8)]
+        keep = zero_out_keep(bits, dtype_name, threshold)
+        outs = [jnp.where(keep, bits, jnp.zeros_like(bits)), keep.astype(jnp.int8)]
     for ref, value in zip(out_refs, outs):
         if interpret:
             ref[...] = value
@@ -85,12 +79,15 @@ def bitflip_pallas(
     """Flip a flat array. ``scalars`` is uint32 ``[seed_exp, seed_frac, base, 0]``.
 
     Returns ``y`` and, when ``threshold`` is set, the int8 keep mask (``|y| < threshold``
-    before zero-out), which is the backward pass's exact residual.
+    before zero-out), which is the backward pass's exact residual. The kernel reads and
+    writes bit patterns, never floats, so NaN payloads pass through untouched as in
+    mase-triton (XLA on CPU would canonicalize them in a bfloat16 store).
     """
     (n,) = x_flat.shape
     dtype_name = jnp.dtype(x_flat.dtype).name
+    x_bits = lax.bitcast_convert_type(x_flat, BITS_DTYPE[dtype_name])
     block = min(block, max(16, pl.next_power_of_2(n)))
-    out_shape = [jax.ShapeDtypeStruct((n,), x_flat.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((n,), x_bits.dtype)]
     if threshold is not None:
         out_shape.append(jax.ShapeDtypeStruct((n,), jnp.int8))
     kernel = functools.partial(
@@ -108,5 +105,6 @@ def bitflip_pallas(
         interpret=interpret,
         compiler_params=compiler_params,
         name="jaxflip_random_bitflip",
-    )(scalars, x_flat)
-    return outs[0], (outs[1] if threshold is not None else None)
+    )(scalars, x_bits)
+    y = lax.bitcast_convert_type(outs[0], x_flat.dtype)
+    return y, (outs[1] if threshold is not None else None)

@@ -16,6 +16,21 @@ from jax import lax
 
 MulHi = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
+
+def mulhi_16bit_split(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """High 32 bits of the uint32 product ``a * b`` from 16-bit halves.
+
+    Portable: only 32-bit multiplies and shifts. ``lax.mulhi`` would be shorter, but it
+    lowers to an op XLA's SPMD partitioner rejects, and Pallas's Triton lowering has no rule
+    for it; the GPU kernel uses PTX ``mul.hi.u32`` instead (``kernel.ptx_mulhi``).
+    """
+    low16 = jnp.uint32(0xFFFF)
+    a_lo, a_hi = a & low16, a >> 16
+    b_lo, b_hi = b & low16, b >> 16
+    lo_lo, lo_hi, hi_lo = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo
+    carry = ((lo_lo >> 16) + (lo_hi & low16) + (hi_lo & low16)) >> 16
+    return a_hi * b_hi + (lo_hi >> 16) + (hi_lo >> 16) + carry
+
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
@@ -36,7 +51,7 @@ def philox_rounds(halves: int) -> int:
     return 16
 
 
-def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: MulHi = lax.mulhi):
+def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: MulHi = mulhi_16bit_split):
     """Philox-4x32 of counter ``(counter, 0, 0, 0)`` and key ``(key, 0)``.
 
     ``counter`` is a uint32 array, ``key`` a uint32 scalar (the low word of the seed; the
@@ -60,7 +75,7 @@ def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: Mul
     return c0, c1, c2, c3
 
 
-def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhi: MulHi = lax.mulhi):
+def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhi: MulHi = mulhi_16bit_split):
     """uint32 word whose set bits flip with probability ``0.5 ** halves`` each.
 
     The AND of ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the four
@@ -87,7 +102,7 @@ def flip_bits(
     exp_halves: int | None,
     frac_halves: int | None,
     dtype_name: str,
-    mulhi: MulHi = lax.mulhi,
+    mulhi: MulHi = mulhi_16bit_split,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
 
@@ -105,3 +120,13 @@ def flip_bits(
         word = flip_mask(index, seed, halves, mulhi) & jnp.uint32(mask)
         bits = bits ^ word.astype(bits_dtype)
     return bits
+
+
+def zero_out_keep(bits: jnp.ndarray, dtype_name: str, threshold: float) -> jnp.ndarray:
+    """``|y| < threshold`` for the float whose bit pattern is ``bits`` (False for NaN, inf).
+
+    Compared in float32 like the reference (its threshold is a float32 kernel argument and
+    16-bit values promote); the zeroed output is then written as bits, ``+0.0``.
+    """
+    value = lax.bitcast_convert_type(bits, getattr(jnp, dtype_name)).astype(jnp.float32)
+    return jnp.abs(value) < jnp.float32(threshold)

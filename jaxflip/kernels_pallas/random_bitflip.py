@@ -31,7 +31,7 @@ from jaxflip.kernels_pallas.layout import (
     row_major_strides,
     shard_segments,
 )
-from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, zero_out_keep
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 MAX_HALVES = 24
@@ -188,11 +188,11 @@ def _flip_jnp(x, seeds, config: FlipConfig):
     bits = jax.lax.bitcast_convert_type(x, BITS_DTYPE[dtype_name])
     bits = flip_bits(bits, nd_global_index(x.shape), seeds[0], seeds[1],
                      config.exp_halves, config.frac_halves, dtype_name)
-    y = jax.lax.bitcast_convert_type(bits, x.dtype)
     if config.threshold is None:
-        return y, None
-    keep = jnp.abs(y.astype(jnp.float32)) < jnp.float32(config.threshold)
-    return jnp.where(keep, y, jnp.zeros_like(y)), keep.astype(jnp.int8)
+        return jax.lax.bitcast_convert_type(bits, x.dtype), None
+    keep = zero_out_keep(bits, dtype_name, config.threshold)
+    y = jax.lax.bitcast_convert_type(jnp.where(keep, bits, jnp.zeros_like(bits)), x.dtype)
+    return y, keep.astype(jnp.int8)
 
 
 def _flip_pallas_local(x, seeds, base, segments: Segments, config: FlipConfig):

@@ -1,0 +1,145 @@
+"""``BitFlipLinear``: a Linear layer whose input and weight pass through random bit flips.
+
+Same computation as mase-triton's ``RandomBitFlipLinear``::
+
+    y = flip(x) @ flip(W)^T + b        (the bias is not flipped)
+
+The weight is stored in torch layout ``(out_features, in_features)``: ``random_bitflip`` keys
+each flip on the element's row-major index, so this layout flips exactly the elements that
+mase-triton flips in ``nn.Linear.weight``, and HF weights copy in unchanged.
+
+Flip settings are static Python attributes (they select the compiled code); the seeds are
+``BitflipSeed`` state that every call advances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflip import find_nearest_prob_n_halves, random_bitflip
+from jaxflip.bitflip.seeds import BitflipSeed
+
+default_weight_init = nnx.initializers.normal(stddev=0.02)  # what HF Llama uses for Linear layers
+
+
+@dataclass(frozen=True)
+class TensorFlip:
+    """How one tensor is flipped: ``0.5 ** halves`` per bit of each group, then zero-out of
+    ``|y| >= zero_out_t`` (NaN and inf included). All three None: the tensor is untouched."""
+
+    exp_halves: int | None = None
+    frac_halves: int | None = None
+    zero_out_t: float | None = None
+
+    @classmethod
+    def from_probabilities(cls, p_exp: float | None, p_frac: float | None, zero_out_t: float | None) -> TensorFlip:
+        """Probabilities snap to ``0.5 ** ceil(log2(1 / p))``, as mase-triton does."""
+        return cls(find_nearest_prob_n_halves(p_exp), find_nearest_prob_n_halves(p_frac), zero_out_t)
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.exp_halves is None and self.frac_halves is None and self.zero_out_t is None)
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "off"
+
+        def prob(halves):
+            return "-" if halves is None else f"0.5^{halves}"
+
+        zero_out = "-" if self.zero_out_t is None else f"{self.zero_out_t:g}"
+        return f"p_exp={prob(self.exp_halves)} p_frac={prob(self.frac_halves)} zero_out_t={zero_out}"
+
+
+def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_frac: BitflipSeed) -> jax.Array:
+    """Flip ``value`` with the current seeds and store the advanced seeds back."""
+    if not flip.enabled:
+        return value
+    flipped, next_exp, next_frac = random_bitflip(
+        value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t
+    )
+    seed_exp[...] = next_exp
+    seed_frac[...] = next_frac
+    return flipped
+
+
+class BitFlipLinear(nnx.Module):
+    """``y = flip(x) @ flip(W)^T + b``, W of shape ``(out_features, in_features)``.
+
+    ``axes``: logical axis names of the weight, ``(out_axis, in_axis)`` (see
+    ``jaxflip.models.sharding``). ``dtype``: the matmul's dtype (default: ``param_dtype``).
+    The weight is flipped in its stored dtype and the input in the dtype it arrives in (as
+    mase-triton does under torch autocast), then both are cast to ``dtype``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        axes: tuple[str | None, str | None] = (None, None),
+        param_dtype=jnp.float32,
+        dtype=None,
+        weight_init=default_weight_init,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.axes = axes
+        self.dtype = dtype or param_dtype
+        self.weight = nnx.Param(
+            weight_init(rngs.params(), (out_features, in_features), param_dtype),
+            out_sharding=axes, eager_sharding=False,
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[0],), eager_sharding=False)
+            if use_bias else None
+        )
+        self.x_flip = TensorFlip()
+        self.w_flip = TensorFlip()
+        self.x_seed_exp = BitflipSeed(jnp.int32(0))
+        self.x_seed_frac = BitflipSeed(jnp.int32(0))
+        self.w_seed_exp = BitflipSeed(jnp.int32(0))
+        self.w_seed_frac = BitflipSeed(jnp.int32(0))
+
+    def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0)):
+        """Set the flips of the input and the weight and their starting seeds
+        ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
+        self.x_flip, self.w_flip = x_flip, w_flip
+        for variable, seed in zip((self.x_seed_exp, self.x_seed_frac, self.w_seed_exp, self.w_seed_frac), seeds):
+            variable[...] = jnp.int32(seed)
+
+    def seeds(self) -> tuple[int, int, int, int]:
+        """The current seeds ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
+        return tuple(int(v[...]) for v in (self.x_seed_exp, self.x_seed_frac, self.w_seed_exp, self.w_seed_frac))
+
+    def effective_weight(self) -> jax.Array:
+        """The weight the matmul sees before flipping (LoRA adds its update here)."""
+        return self.weight[...]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac)
+        w = flip_tensor(self.effective_weight(), self.w_flip, self.w_seed_exp, self.w_seed_frac)
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def named_linears(model: nnx.Module) -> dict[str, BitFlipLinear]:
+    """Every ``BitFlipLinear`` of ``model`` by its dotted path (in NNX's traversal order:
+    attribute names sorted, list items by index).
+
+    For the Llama models these are HF's module names (``model.layers.0.self_attn.q_proj``,
+    ``lm_head``), the names NewComputeBench's layer-name regexes are written against.
+    """
+    return {
+        ".".join(str(part) for part in path): module
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, BitFlipLinear)
+    }

@@ -1,0 +1,112 @@
+"""``BitFlipLoRALinear``: NewComputeBench's ``BitFlipLinearLora`` in Flax NNX.
+
+    y = flip(x) @ flip(W + (B @ A) * alpha / r)^T + b
+
+``A`` (r, in) starts kaiming-uniform with a = sqrt(5) (torch's Linear init: U(+-1/sqrt(in))),
+``B`` (out, r) starts at zero, so a fresh adapter leaves the layer unchanged. ``A`` and ``B``
+are ``LoRAParam``s: train only them with ``nnx.Optimizer(model, tx, wrt=LoRAParam)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflip.bitflip.linear import BitFlipLinear, named_linears
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA factor. A subclass of ``nnx.Param``, so ``wrt=LoRAParam`` selects only these."""
+
+
+def kaiming_uniform_sqrt5(key, shape, dtype):
+    """``torch.nn.init.kaiming_uniform_(a=sqrt(5))`` on a ``(fan_out, fan_in)`` matrix:
+    gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in) gives the bound 1 / sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class BitFlipLoRALinear(BitFlipLinear):
+    """A ``BitFlipLinear`` plus a rank-``rank`` adapter scaled by ``alpha / rank``; the flips
+    apply to the adapted weight."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, rngs: nnx.Rngs, **linear_kwargs):
+        super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+        out_axis, in_axis = self.axes
+        param_dtype = self.weight[...].dtype
+        self.rank = rank
+        self.alpha = alpha
+        self.lora_A = LoRAParam(kaiming_uniform_sqrt5(rngs.params(), (rank, in_features), param_dtype),
+                                out_sharding=("lora_rank", in_axis), eager_sharding=False)
+        self.lora_B = LoRAParam(jnp.zeros((out_features, rank), param_dtype),
+                                out_sharding=(out_axis, "lora_rank"), eager_sharding=False)
+
+    @classmethod
+    def from_linear(cls, linear: BitFlipLinear, *, rank: int, alpha: float, rngs: nnx.Rngs) -> BitFlipLoRALinear:
+        """Wrap ``linear``: same weight and bias arrays, flips and current seeds, plus a fresh
+        adapter."""
+        lora = cls(linear.in_features, linear.out_features, rank=rank, alpha=alpha, rngs=rngs,
+                   use_bias=linear.bias is not None, axes=linear.axes,
+                   param_dtype=linear.weight[...].dtype, dtype=linear.dtype,
+                   weight_init=lambda key, shape, dtype: linear.weight[...])
+        _copy_rest(linear, lora)
+        return lora
+
+    def effective_weight(self) -> jax.Array:
+        update = (self.lora_B[...] @ self.lora_A[...]) * (self.alpha / self.rank)
+        return self.weight[...] + update.astype(self.weight[...].dtype)
+
+    def merge_lora(self) -> BitFlipLinear:
+        """A plain ``BitFlipLinear`` with ``W + (B @ A) * alpha / r`` as its weight, the same
+        bias, flips and current seeds."""
+        merged_weight = self.effective_weight()
+        merged = BitFlipLinear(self.in_features, self.out_features, use_bias=self.bias is not None,
+                               axes=self.axes, param_dtype=merged_weight.dtype, dtype=self.dtype,
+                               weight_init=lambda key, shape, dtype: merged_weight, rngs=nnx.Rngs(0))
+        _copy_rest(self, merged)
+        return merged
+
+
+def _copy_rest(source: BitFlipLinear, target: BitFlipLinear) -> None:
+    """Everything of a Linear but its weight: bias, flips, seeds."""
+    if source.bias is not None:
+        target.bias[...] = source.bias[...]
+    target.configure(source.x_flip, source.w_flip, source.seeds())
+
+
+def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Replace every ``BitFlipLinear`` of ``model`` but those named in ``skip`` by a
+    ``BitFlipLoRALinear`` wrapping it (as NewComputeBench does, the LM head keeps no adapter).
+    Returns the names of the wrapped layers."""
+    wrapped = []
+    for name, linear in named_linears(model).items():
+        if name in skip or isinstance(linear, BitFlipLoRALinear):
+            continue
+        _replace_module(model, name, BitFlipLoRALinear.from_linear(linear, rank=rank, alpha=alpha, rngs=rngs))
+        wrapped.append(name)
+    return wrapped
+
+
+def merge_lora(model: nnx.Module) -> list[str]:
+    """Fold every adapter of ``model`` into its weight (``BitFlipLoRALinear`` ->
+    ``BitFlipLinear``). Returns the names of the merged layers."""
+    merged = []
+    for name, linear in named_linears(model).items():
+        if isinstance(linear, BitFlipLoRALinear):
+            _replace_module(model, name, linear.merge_lora())
+            merged.append(name)
+    return merged
+
+
+def _replace_module(root: nnx.Module, dotted_name: str, new: nnx.Module) -> None:
+    *parents, last = dotted_name.split(".")
+    parent = root
+    for part in parents:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)

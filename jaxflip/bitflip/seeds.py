@@ -1,0 +1,53 @@
+"""Bitflip seeds as explicit NNX state.
+
+Each flipped tensor has two Philox seeds (one for the sign/exponent bits, one for the fraction
+bits). mase-triton keeps them as Python ints on the layer and advances them after every call;
+here they are int32 scalars in a dedicated ``nnx.Variable`` type, so that
+
+* ``nnx.jit`` carries them through compiled calls and writes the advanced values back,
+* optimizers never see them (they are not ``nnx.Param``),
+* ``nnx.state(model, BitflipSeed)`` reads them all as one pytree (to checkpoint) and
+  ``nnx.update(model, seeds)`` restores them. ``nnx.state`` hands out the model's live
+  Variables, which later calls keep advancing; ``seed_snapshot`` copies them.
+
+Two ways to choose the starting seeds (``apply_bitflip_rules``'s ``seed_mode``):
+
+* ``"reference"``: the seeds written in the rule (default 0), as mase-triton and
+  NewComputeBench do. Every layer then starts at seed 0, so layers of the same shape flip the
+  same positions.
+* ``"independent"``: a hash of (base seed, layer name, seed name), in ``[0, 2**30)``. A group
+  advances by at most 6 per call (``ceil(24 / 4)``) and the kernel accepts seeds below
+  ``2**31 - 8``, so every stream has room for more than 1.7e8 calls before it leaves the
+  kernel's range. Streams are not guaranteed disjoint: two layers' seed ranges can overlap
+  after many calls, and then one layer replays the other's flip positions from an earlier
+  call (never in the same call unless their starting seeds collide, which has probability
+  about 1e-9 per pair).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+from flax import nnx
+
+SEED_NAMES = ("x_seed_exp", "x_seed_frac", "w_seed_exp", "w_seed_frac")
+SEED_LIMIT = 2**31 - 8  # the kernel's contract: 0 <= seed < 2**31 - 8 (mase-triton's exact range)
+INDEPENDENT_SEED_RANGE = 2**30
+
+
+class BitflipSeed(nnx.Variable):
+    """An int32 scalar: the current Philox seed of one bit group of one flipped tensor."""
+
+
+def seed_snapshot(model: nnx.Module) -> nnx.State:
+    """The model's current seeds, detached from it: ``nnx.update(model, snapshot)`` later
+    rewinds the flips to this point."""
+    return jax.tree.map(lambda seed: seed, nnx.state(model, BitflipSeed))
+
+
+def independent_seed(base_seed: int, layer_name: str, seed_name: str) -> int:
+    """A starting seed in ``[0, 2**30)`` that depends only on its arguments (stable across runs
+    and machines, unlike Python's ``hash``)."""
+    digest = hashlib.sha256(f"{base_seed}/{layer_name}/{seed_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % INDEPENDENT_SEED_RANGE

@@ -1,0 +1,73 @@
+"""HF transformers Llama weights -> ``LlamaForCausalLM``.
+
+The Flax module paths are HF's state-dict keys and Linear weights share torch's ``(out, in)``
+layout, so every tensor copies over unchanged, one at a time, straight into its (optionally
+sharded) place: the randomly initialised model is never materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxflip.bitflip import BitflipSeed
+from jaxflip.models.config import LlamaConfig, config_from_hf
+from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.sharding import state_shardings
+
+# in an HF state dict but not parameters: the tied head repeats embed_tokens.weight
+_TIED_HEAD_KEY = "lm_head.weight"
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A torch tensor (any float dtype, exactly: bf16 and f16 widen to f32 losslessly) or an
+    array as numpy."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        return tensor.numpy()
+    return np.asarray(tensor)
+
+
+def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping, *, mesh: Mesh | None = None) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` holding the tensors of an HF ``LlamaForCausalLM`` state dict
+    (torch tensors or arrays), cast to ``config.param_dtype``.
+
+    ``config``: a ``LlamaConfig`` or an HF config (dict, path or ``transformers`` config; see
+    ``config_from_hf``). With ``mesh``, each tensor goes straight to its sharded layout.
+    Raises ``ValueError`` on missing, unexpected or mis-shaped tensors.
+    """
+    if not isinstance(config, LlamaConfig):
+        config = config_from_hf(config)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = {} if mesh is None else dict(nnx.to_flat_state(state_shardings(abstract_state, mesh)))
+
+    expected = set()
+    loaded = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        if isinstance(variable, BitflipSeed):
+            value = np.zeros(variable.shape, variable.dtype)
+        else:
+            key = ".".join(str(part) for part in path)
+            expected.add(key)
+            if key not in state_dict:
+                raise ValueError(f"HF state dict has no {key!r} (needed for a {variable.shape} parameter)")
+            value = _to_numpy(state_dict[key])
+            if value.shape != variable.shape:
+                raise ValueError(f"{key!r}: HF tensor has shape {value.shape}, the model expects {variable.shape}")
+        sharding = shardings[path].get_value() if path in shardings else None
+        loaded.append((path, variable.replace(jax.device_put(value.astype(variable.dtype), sharding))))
+
+    ignored = {key for key in state_dict if key.endswith("rotary_emb.inv_freq")}  # older HF checkpoints
+    if config.tie_word_embeddings:
+        ignored.add(_TIED_HEAD_KEY)
+    unexpected = set(state_dict) - expected - ignored
+    if unexpected:
+        raise ValueError(f"HF state dict has tensors the model does not use: {sorted(unexpected)}")
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))

@@ -1,0 +1,87 @@
+"""The one table from logical axis names to mesh axes (MaxText-style).
+
+Modules name the axes of their parameters (``("mlp", "embed")``, ...) and never mesh axes;
+this table decides the layout. The mesh has two axes:
+
+* ``dp``: pure data parallelism, parameters replicated;
+* ``fsdp``: fully sharded data parallelism, parameters split along their model dimension
+  (``embed``, present in every weight matrix) and gathered per layer by XLA.
+
+The batch of activations splits over both. A dimension whose size does not divide evenly
+over its mesh axes stays replicated (tiny debug models on many devices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("dp", "fsdp")
+
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("dp", "fsdp"),  # activations: every data-parallel rank takes its own rows
+    "length": None,
+    "embed": "fsdp",  # the model dimension of every weight: FSDP's shard axis
+    "vocab": None,
+    "heads": None,
+    "kv_heads": None,
+    "mlp": None,
+    "norm": None,
+    "lora_rank": None,
+}
+
+
+def make_mesh(dp: int = 1, fsdp: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(dp, fsdp)`` mesh; ``fsdp`` defaults to all devices not used by ``dp``."""
+    devices = list(devices if devices is not None else jax.devices())
+    fsdp = fsdp or len(devices) // dp
+    return jax.make_mesh((dp, fsdp), MESH_AXES, devices=devices[: dp * fsdp])
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
+                    rules: dict = LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` for an array whose dimensions have these logical names."""
+    spec = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} is not in the sharding table ({', '.join(rules)})")
+        mesh_axes = rules.get(name) if name is not None else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = tuple(axis for axis in mesh_axes if axis in mesh.shape)
+        if shape is not None and shape[i] % math.prod(mesh.shape[axis] for axis in mesh_axes):
+            mesh_axes = ()
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    """E.g. ``logical_sharding(mesh, ("batch", "length"))`` for a batch of token ids."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A ``NamedSharding`` for every Variable of ``state`` (abstract or concrete), from its
+    ``out_sharding`` logical axes; Variables without axes (seeds) are replicated."""
+
+    def sharding_of(variable: nnx.Variable):
+        axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        return variable.replace(logical_sharding(mesh, axes, variable.shape))
+
+    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(model_factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """Build ``model_factory()`` with every parameter created directly in its sharded layout
+    (no full copy on one device)."""
+    abstract = nnx.eval_shape(model_factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh)
+
+    def create_state():
+        return nnx.state(model_factory())
+
+    return nnx.merge(graphdef, jax.jit(create_state, out_shardings=shardings)())
