@@ -208,11 +208,19 @@ def test_flip_rate_per_bit_is_binomial(dtype, halves):
     assert np.all(np.abs(counts - n * p) < 6 * sigma), (counts, n * p, sigma)
 
 
+def cpu_mesh():
+    """A (fsdp=4, dp=2) mesh of the 8 host CPU devices conftest asks for (also on a GPU machine)."""
+    from jax.sharding import Mesh
+
+    devices = jax.devices("cpu")
+    assert len(devices) >= 8, "conftest sets --xla_force_host_platform_device_count=8"
+    return Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "dp"))
+
+
 def test_sharded_jnp_path_equals_unsharded_without_gather():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    assert jax.device_count() >= 8, "conftest asks for 8 host devices"
-    mesh = jax.make_mesh((4, 2), ("fsdp", "dp"))
+    mesh = cpu_mesh()
     x = jnp.asarray(random_input((16, 6, 40), "bfloat16", seed=91))
     expected, *_ = jaxflip.random_bitflip(x, 3, 4, 5, 6, 2.0, backend="jnp")
     for spec in [P("fsdp"), P(None, "dp", "fsdp"), P(("fsdp", "dp")), P("dp", None, "fsdp")]:
@@ -228,7 +236,7 @@ def test_sharded_jnp_path_equals_unsharded_without_gather():
 def test_sharded_pallas_kernel_equals_unsharded():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    mesh = jax.make_mesh((4, 2), ("fsdp", "dp"))
+    mesh = cpu_mesh()
     x = jnp.asarray(random_input((16, 6, 40), "float32", seed=92))
     expected, *_ = jaxflip.random_bitflip(x, 5, 2, 7, 8, 3.0, backend="jnp")
     for spec in [P("fsdp"), P(None, "dp", "fsdp"), P(("fsdp", "dp")), P("dp", None, "fsdp")]:
