@@ -3,7 +3,8 @@
 128M elements (1 << 27) by default, float32 / float16 / bfloat16, both groups at the same
 halves, zero-out on and off, forward and forward+backward. Prints one markdown table of
 median milliseconds and ratios (mase / jaxflip: above 1 means jaxflip is faster) and writes
-it, with the raw numbers, to ``--out``. Also a small block-size / num_warps sweep.
+it, with the raw numbers, to ``--out``. First (``--sweep``) a sweep of the kernel's block size and num_warps;
+the table then uses the fastest block and warps.
 
     python benchmarks/bench_kernel.py --out $OUT/bench_kernel.json
 """
@@ -11,6 +12,8 @@ it, with the raw numbers, to ``--out``. Also a small block-size / num_warps swee
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import statistics
 import time
@@ -18,11 +21,14 @@ import time
 import jax
 import jax.numpy as jnp
 import torch
+from jax import lax
 import triton.testing
 from mase_triton.random_bitflip.functional import random_bitflip_fn
 
 import jaxflip
-from jaxflip.kernels_pallas.kernel import bitflip_pallas
+from jaxflip.kernels_pallas import kernel
+
+bitflip_module = importlib.import_module("jaxflip.kernels_pallas.random_bitflip")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALVES = (1, 4, 8, 12, 16, 20, 24)
@@ -41,10 +47,10 @@ def time_jax(fn, *args, reps: int = 25) -> float:
 
 
 def time_torch(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
 
 
-def bench(n: int, dtypes, halves_list) -> list[dict]:
+def bench(n: int, dtypes, halves_list, on_row) -> list[dict]:
     rows = []
     for dtype in dtypes:
         x_jax = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(dtype)
@@ -75,6 +81,7 @@ def bench(n: int, dtypes, halves_list) -> list[dict]:
                            jaxflip_fwd_bwd_ms=jax_fb, mase_fwd_bwd_ms=mase_fb_ms)
                 rows.append(row)
                 print(format_row(row), flush=True)
+                on_row(rows)
     return rows
 
 
@@ -90,20 +97,46 @@ def format_row(r: dict) -> str:
             f"{r['mase_fwd_bwd_ms'] / r['jaxflip_fwd_bwd_ms']:.2f}x | {r['jaxflip_fwd_ms'] / r['copy_ms']:.1f}x |")
 
 
+SWEEP = [(64, 2), (128, 2), (128, 4), (256, 4), (256, 8), (512, 8), (512, 16), (1024, 4), (1024, 8)]
+
+
 def sweep(n: int) -> list[dict]:
-    """Block size and warps of the Pallas kernel, bf16, halves 16 and 24, zero-out on."""
+    """Block size and warps of the Pallas kernel; bf16, halves 16 and 24, zero-out on."""
     x_bits = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(jnp.bfloat16)
     scalars = jnp.array([7, 7, 0, 0], jnp.uint32)
     rows = []
-    for halves in (16, 24):
-        for block in (256, 512, 1024, 2048, 4096):
-            for warps in (4, 8):
-                ms = time_jax(lambda x, s: bitflip_pallas(
-                    x, s, segments=((n, 1),), exp_halves=halves, frac_halves=halves, threshold=THRESHOLD,
-                    interpret=False, block=block, num_warps=warps), x_bits, scalars)
-                rows.append(dict(halves=halves, block=block, num_warps=warps, ms=ms))
-                print(f"sweep bf16 halves={halves} block={block} warps={warps}: {ms:.3f} ms", flush=True)
+    for block, warps in SWEEP:
+        for halves in (16, 24):
+            ms = time_jax(lambda x, s: kernel.bitflip_pallas(
+                x, s, segments=((n, 1),), exp_halves=halves, frac_halves=halves, threshold=THRESHOLD,
+                interpret=False, block=block, num_warps=warps), x_bits, scalars)
+            rows.append(dict(halves=halves, block=block, num_warps=warps, ms=ms))
+            print(f"sweep bf16 halves={halves} block={block} warps={warps}: {ms:.3f} ms", flush=True)
     return rows
+
+
+def best_launch(sweep_rows: list[dict]) -> tuple[int, int]:
+    """(block, num_warps) with the least total time over the halves."""
+    totals: dict[tuple[int, int], float] = {}
+    for r in sweep_rows:
+        totals[r["block"], r["num_warps"]] = totals.get((r["block"], r["num_warps"]), 0.0) + r["ms"]
+    return min(totals, key=totals.get)
+
+
+def check_against_jnp(n: int = 1 << 20) -> None:
+    """Before timing: the Pallas kernel equals the jnp path (itself tested bit-exact against
+    mase-triton) on every dtype at a few halves, so the table times a correct kernel."""
+    for dtype in TORCH_DTYPES:
+        x = jax.random.normal(jax.random.key(3), (n,), jnp.float32).astype(dtype) * 8
+        for halves in (4, 7, 23):
+            for threshold in (None, THRESHOLD):
+                got, want = (jaxflip.random_bitflip(x, halves, halves + 1, 11, 12, threshold, backend=b)[0]
+                             for b in ("pallas", "jnp"))
+                same = bool(jnp.all(lax.bitcast_convert_type(got, jnp.uint16 if dtype != "float32" else jnp.uint32)
+                                    == lax.bitcast_convert_type(want, jnp.uint16 if dtype != "float32" else jnp.uint32)))
+                if not same:
+                    raise SystemExit(f"pallas != jnp for {dtype} halves {halves} threshold {threshold}")
+    print("pallas kernel == jnp path on all checked configurations", flush=True)
 
 
 def main() -> None:
@@ -114,12 +147,21 @@ def main() -> None:
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__}; "
           f"{args.numel:,} elements", flush=True)
+    check_against_jnp()
     sweep_rows = sweep(args.numel) if args.sweep else []
+    block, warps = best_launch(sweep_rows) if sweep_rows else (kernel.DEFAULT_BLOCK, kernel.DEFAULT_NUM_WARPS)
+    # the table runs random_bitflip itself, launched with the chosen block and warps
+    bitflip_module.bitflip_pallas = functools.partial(kernel.bitflip_pallas, block=block, num_warps=warps)
+    print(f"table launch: block={block} num_warps={warps}", flush=True)
     print(HEADER, flush=True)
-    rows = bench(args.numel, list(TORCH_DTYPES), HALVES)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, torch=torch.__version__,
-                       numel=args.numel, rows=rows, sweep=sweep_rows), f, indent=1)
+
+    def save(rows):  # after every row, so a run cut short still leaves its figures
+        with open(args.out, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, torch=torch.__version__,
+                           numel=args.numel, block=block, num_warps=warps, rows=rows, sweep=sweep_rows),
+                      f, indent=1)
+
+    bench(args.numel, list(TORCH_DTYPES), HALVES, save)
 
 
 if __name__ == "__main__":

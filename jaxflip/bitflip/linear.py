@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflip import find_nearest_prob_n_halves, random_bitflip
-from jaxflip.bitflip.seeds import BitflipSeed
+from jaxflip.bitflip.seeds import SEED_NAMES, BitflipSeed
 
 default_weight_init = nnx.initializers.normal(stddev=0.02)  # what HF Llama uses for Linear layers
 
@@ -91,7 +91,7 @@ class BitFlipLinear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.axes = axes
-        self.dtype = dtype or param_dtype
+        self.dtype = dtype if dtype is not None else param_dtype
         self.weight = nnx.Param(
             weight_init(rngs.params(), (out_features, in_features), param_dtype),
             out_sharding=axes, eager_sharding=False,
@@ -105,18 +105,18 @@ class BitFlipLinear(nnx.Module):
         self.x_seed_exp = BitflipSeed(jnp.int32(0))
         self.x_seed_frac = BitflipSeed(jnp.int32(0))
         self.w_seed_exp = BitflipSeed(jnp.int32(0))
-        self.w_seed_frac = BitflipSeed(jnp.int32(0))
+        self.w_seed_frac = BitflipSeed(jnp.int32(0))  # SEED_NAMES, in this order
 
     def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0)):
         """Set the flips of the input and the weight and their starting seeds
         ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
         self.x_flip, self.w_flip = x_flip, w_flip
-        for variable, seed in zip((self.x_seed_exp, self.x_seed_frac, self.w_seed_exp, self.w_seed_frac), seeds):
-            variable[...] = jnp.int32(seed)
+        for name, seed in zip(SEED_NAMES, seeds):
+            getattr(self, name)[...] = jnp.int32(seed)
 
     def seeds(self) -> tuple[int, int, int, int]:
         """The current seeds ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
-        return tuple(int(v[...]) for v in (self.x_seed_exp, self.x_seed_frac, self.w_seed_exp, self.w_seed_frac))
+        return tuple(int(getattr(self, name)[...]) for name in SEED_NAMES)
 
     def effective_weight(self) -> jax.Array:
         """The weight the matmul sees before flipping (LoRA adds its update here)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxflip.bitflip.linear import BitFlipLinear, named_linears
+from jaxflip.bitflip.seeds import SEED_NAMES
 
 
 class LoRAParam(nnx.Param):
@@ -71,10 +72,13 @@ class BitFlipLoRALinear(BitFlipLinear):
 
 
 def _copy_rest(source: BitFlipLinear, target: BitFlipLinear) -> None:
-    """Everything of a Linear but its weight: bias, flips, seeds."""
+    """Everything of a Linear but its weight: bias, flips, seeds (as arrays: this also runs
+    traced, inside ``nnx.eval_shape`` or ``jit``)."""
     if source.bias is not None:
         target.bias[...] = source.bias[...]
-    target.configure(source.x_flip, source.w_flip, source.seeds())
+    target.x_flip, target.w_flip = source.x_flip, source.w_flip
+    for name in SEED_NAMES:
+        getattr(target, name)[...] = getattr(source, name)[...]
 
 
 def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:

@@ -1,9 +1,11 @@
 """The Pallas kernel: one program flips one block of the (flattened, local) array.
 
 On GPU it lowers through Triton; Pallas's Triton lowering has no rule for ``lax.mulhi``, so
-the high word of the Philox products comes from PTX ``mul.hi.u32``. In interpret mode (CPU)
-the same kernel body runs with the portable 16-bit-split multiply. Halves, dtype and threshold are compile-time
-constants, so each configuration gets straight-line code with no unused Philox call.
+the high word of each Philox product comes from PTX ``mul.hi.u32`` (as in Triton's own
+``umulhi``, which mase-triton's kernel uses).
+In interpret mode (CPU) the same kernel body runs with the portable 16-bit-split multiply.
+Halves, dtype and threshold are compile-time constants, so each configuration gets
+straight-line code with no unused Philox call.
 """
 
 from __future__ import annotations
@@ -17,23 +19,27 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxflip.kernels_pallas.layout import Segments, segments_global_index
-from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhi_16bit_split, zero_out_keep
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhilo_16bit_split, zero_out_keep
 
-DEFAULT_BLOCK = 1024
-DEFAULT_NUM_WARPS = 4
+# One element per thread: the sweep in benchmarks/NOTES.md (H100, bf16, zero-out) measured
+# 256/8 at 3.90 ms (halves 16) and 7.30 ms (halves 24) against 4.95 / 12.39 ms at 1024/4;
+# more elements per thread hold more Philox state in registers and spill.
+DEFAULT_BLOCK = 256
+DEFAULT_NUM_WARPS = 8
 
 
-def ptx_mulhi(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """High 32 bits of the uint32 product, by PTX (operands as int32: the lowering asserts
-    on unsigned operand types)."""
+def ptx_mulhilo(a: int, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """High and low words of the constant ``a`` times uint32 ``b``, the high one by PTX
+    ``mul.hi.u32`` (operands as int32: the lowering asserts on unsigned types; one asm with
+    both words as results trips Pallas's lowering, "2 outvars do not match 1 outvals")."""
     [hi] = plgpu.elementwise_inline_asm(
         "mul.hi.u32 $0, $1, $2;",
-        args=[lax.bitcast_convert_type(a, jnp.int32), lax.bitcast_convert_type(b, jnp.int32)],
+        args=[lax.bitcast_convert_type(jnp.full_like(b, a), jnp.int32), lax.bitcast_convert_type(b, jnp.int32)],
         constraints="=r,r,r",
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(b.shape, jnp.int32)],
     )
-    return lax.bitcast_convert_type(hi, jnp.uint32)
+    return lax.bitcast_convert_type(hi, jnp.uint32), jnp.uint32(a) * b
 
 
 def _bitflip_kernel(
@@ -46,7 +52,7 @@ def _bitflip_kernel(
     bits = x_ref[...] if interpret else plgpu.load(x_ref, mask=in_bounds, other=0)
     bits = flip_bits(
         bits, index, scalars_ref[0], scalars_ref[1], exp_halves, frac_halves, dtype_name,
-        mulhi=mulhi_16bit_split if interpret else ptx_mulhi,
+        mulhilo=mulhilo_16bit_split if interpret else ptx_mulhilo,
     )
     outs = [bits]
     if threshold is not None:

@@ -4,7 +4,7 @@ This module is the single source of truth for the random bits of jaxflip: the Pa
 (GPU and interpret mode) and the plain ``jax.numpy`` path both call :func:`flip_bits`.
 Everything here is elementwise on ``uint32`` arrays, so it traces the same inside a Pallas
 kernel body and in ordinary XLA code; only the 32x32->high-32 multiply differs per backend
-and is passed in as ``mulhi``.
+and is passed in as ``mulhilo``.
 """
 
 from __future__ import annotations
@@ -14,22 +14,24 @@ from typing import Callable
 import jax.numpy as jnp
 from jax import lax
 
-MulHi = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# (constant a, uint32 array b) -> (high word, low word) of the 64-bit product a * b.
+MulHiLo = Callable[[int, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
-def mulhi_16bit_split(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """High 32 bits of the uint32 product ``a * b`` from 16-bit halves.
+def mulhilo_16bit_split(a: int, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """High and low 32 bits of the product of the constant ``a`` and uint32 ``b``.
 
-    Portable: only 32-bit multiplies and shifts. ``lax.mulhi`` would be shorter, but it
-    lowers to an op XLA's SPMD partitioner rejects, and Pallas's Triton lowering has no rule
-    for it; the GPU kernel uses PTX ``mul.hi.u32`` instead (``kernel.ptx_mulhi``).
+    Portable: the high word from 16-bit halves with only 32-bit multiplies and shifts.
+    ``lax.mulhi`` would be shorter, but it lowers to an op XLA's SPMD partitioner rejects,
+    and Pallas's Triton lowering has no rule for it; the GPU kernel uses PTX ``mul.hi.u32``
+    instead (``kernel.ptx_mulhilo``).
     """
     low16 = jnp.uint32(0xFFFF)
-    a_lo, a_hi = a & low16, a >> 16
+    a_lo, a_hi = jnp.uint32(a & 0xFFFF), jnp.uint32(a >> 16)
     b_lo, b_hi = b & low16, b >> 16
     lo_lo, lo_hi, hi_lo = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo
     carry = ((lo_lo >> 16) + (lo_hi & low16) + (hi_lo & low16)) >> 16
-    return a_hi * b_hi + (lo_hi >> 16) + (hi_lo >> 16) + carry
+    return a_hi * b_hi + (lo_hi >> 16) + (hi_lo >> 16) + carry, jnp.uint32(a) * b
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -51,7 +53,7 @@ def philox_rounds(halves: int) -> int:
     return 16
 
 
-def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: MulHi = mulhi_16bit_split):
+def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhilo: MulHiLo = mulhilo_16bit_split):
     """Philox-4x32 of counter ``(counter, 0, 0, 0)`` and key ``(key, 0)``.
 
     ``counter`` is a uint32 array, ``key`` a uint32 scalar (the low word of the seed; the
@@ -64,18 +66,16 @@ def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhi: Mul
     c1 = c2 = c3 = jnp.zeros_like(counter)
     k0 = key.astype(u32)
     k1 = jnp.zeros_like(k0)
-    round_a = u32(PHILOX_ROUND_A)
-    round_b = u32(PHILOX_ROUND_B)
     for _ in range(n_rounds):
-        hi_b, lo_b = mulhi(jnp.full_like(c2, round_b), c2), round_b * c2
-        hi_a, lo_a = mulhi(jnp.full_like(c0, round_a), c0), round_a * c0
+        hi_b, lo_b = mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = mulhilo(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + u32(PHILOX_KEY_A)
         k1 = k1 + u32(PHILOX_KEY_B)
     return c0, c1, c2, c3
 
 
-def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhi: MulHi = mulhi_16bit_split):
+def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhilo: MulHiLo = mulhilo_16bit_split):
     """uint32 word whose set bits flip with probability ``0.5 ** halves`` each.
 
     The AND of ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the four
@@ -88,7 +88,7 @@ def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhi: MulHi =
     seed = seed.astype(jnp.uint32)
     bits = None
     for k in range(q + (1 if r else 0)):
-        words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhi)
+        words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo)
         for word in words[: 4 if k < q else r]:
             bits = word if bits is None else bits & word
     return bits
@@ -102,7 +102,7 @@ def flip_bits(
     exp_halves: int | None,
     frac_halves: int | None,
     dtype_name: str,
-    mulhi: MulHi = mulhi_16bit_split,
+    mulhilo: MulHiLo = mulhilo_16bit_split,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
 
@@ -117,7 +117,7 @@ def flip_bits(
     ):
         if halves is None:
             continue
-        word = flip_mask(index, seed, halves, mulhi) & jnp.uint32(mask)
+        word = flip_mask(index, seed, halves, mulhilo) & jnp.uint32(mask)
         bits = bits ^ word.astype(bits_dtype)
     return bits
 

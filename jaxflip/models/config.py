@@ -39,12 +39,16 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     param_dtype: str = "float32"  # dtype the parameters are stored in
-    dtype: str = "float32"  # dtype of activations and matmuls
+    dtype: str | None = None  # dtype of activations and matmuls; None: param_dtype
     attention_implementation: str | None = None  # "xla", "cudnn"; None: see llama.py
 
     def __post_init__(self):
+        # derived defaults are filled in here, so build a changed config with LlamaConfig(...)
+        # (or get_flavor(name, **changes)), not dataclasses.replace, which would keep them
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", self.param_dtype)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -100,5 +104,5 @@ def config_from_hf(hf_config, *, param_dtype: str = "float32", dtype: str | None
         attention_bias=hf_config.get("attention_bias", False),
         mlp_bias=hf_config.get("mlp_bias", False),
         param_dtype=param_dtype,
-        dtype=dtype or param_dtype,
+        dtype=dtype,
     )

@@ -16,7 +16,6 @@ low 1, high 4, original context 8192) as Meta's HF configs give them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
@@ -32,8 +31,9 @@ def torchtitan_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float 
 
 
 def _torchtitan_llama(dim, n_layers, n_heads, n_kv_heads, *, vocab_size, multiple_of, ffn_dim_multiplier,
-                      rope_theta, max_seq_len, rope_scaling=None) -> LlamaConfig:
-    return LlamaConfig(
+                      rope_theta, max_seq_len, rope_scaling=None) -> dict:
+    """``LlamaConfig`` arguments of a torchtitan Llama ``ModelArgs``."""
+    return dict(
         vocab_size=vocab_size, hidden_size=dim,
         intermediate_size=torchtitan_ffn_hidden(dim, multiple_of, ffn_dim_multiplier),
         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
@@ -46,12 +46,12 @@ COSMO2_VOCAB_SIZE = 49152
 LLAMA3_VOCAB_SIZE = 128256
 
 
-def _aixsim(dim, n_layers, n_heads, n_kv_heads) -> LlamaConfig:
+def _aixsim(dim, n_layers, n_heads, n_kv_heads) -> dict:
     return _torchtitan_llama(dim, n_layers, n_heads, n_kv_heads, vocab_size=COSMO2_VOCAB_SIZE, multiple_of=128,
                              ffn_dim_multiplier=1.3, rope_theta=10000.0, max_seq_len=2048)
 
 
-FLAVORS: dict[str, LlamaConfig] = {
+_FLAVOR_ARGS = {
     "aixsim-debug": _aixsim(128, 2, 4, 2),
     "aixsim-60M": _aixsim(384, 22, 6, 2),
     "aixsim-200M": _aixsim(768, 24, 12, 4),
@@ -66,14 +66,15 @@ FLAVORS: dict[str, LlamaConfig] = {
     "llama3-70B": _torchtitan_llama(8192, 80, 64, 8, vocab_size=LLAMA3_VOCAB_SIZE, multiple_of=4096,
                                     ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
 }
+FLAVORS: dict[str, LlamaConfig] = {name: LlamaConfig(**args) for name, args in _FLAVOR_ARGS.items()}
 
 
-def get_flavor(name: str, **overrides) -> LlamaConfig:
-    """The named flavor's config, with fields replaced by ``overrides`` (e.g.
-    ``param_dtype="bfloat16"``, ``vocab_size=...``)."""
-    if name not in FLAVORS:
-        raise ValueError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}")
-    return dataclasses.replace(FLAVORS[name], **overrides)
+def get_flavor(name: str, **changes) -> LlamaConfig:
+    """The named flavor's config with some fields changed (e.g. ``param_dtype="bfloat16"``,
+    ``vocab_size=...``)."""
+    if name not in _FLAVOR_ARGS:
+        raise ValueError(f"unknown flavor {name!r}; known: {', '.join(_FLAVOR_ARGS)}")
+    return LlamaConfig(**(_FLAVOR_ARGS[name] | changes))
 
 
 def param_count(flavor: str | LlamaConfig, *, exclude_embedding: bool = False) -> int:

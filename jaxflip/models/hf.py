@@ -46,28 +46,26 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
         config = config_from_hf(config)
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = {} if mesh is None else dict(nnx.to_flat_state(state_shardings(abstract_state, mesh)))
-
-    expected = set()
-    loaded = []
-    for path, variable in nnx.to_flat_state(abstract_state):
-        if isinstance(variable, BitflipSeed):
-            value = np.zeros(variable.shape, variable.dtype)
-        else:
-            key = ".".join(str(part) for part in path)
-            expected.add(key)
-            if key not in state_dict:
-                raise ValueError(f"HF state dict has no {key!r} (needed for a {variable.shape} parameter)")
-            value = _to_numpy(state_dict[key])
-            if value.shape != variable.shape:
-                raise ValueError(f"{key!r}: HF tensor has shape {value.shape}, the model expects {variable.shape}")
-        sharding = shardings[path].get_value() if path in shardings else None
-        loaded.append((path, variable.replace(jax.device_put(value.astype(variable.dtype), sharding))))
-
+    flat_state = nnx.to_flat_state(abstract_state)
+    keys = {path: ".".join(str(part) for part in path)
+            for path, variable in flat_state if not isinstance(variable, BitflipSeed)}
     ignored = {key for key in state_dict if key.endswith("rotary_emb.inv_freq")}  # older HF checkpoints
     if config.tie_word_embeddings:
         ignored.add(_TIED_HEAD_KEY)
-    unexpected = set(state_dict) - expected - ignored
-    if unexpected:
-        raise ValueError(f"HF state dict has tensors the model does not use: {sorted(unexpected)}")
+    missing = sorted(set(keys.values()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(keys.values()) - ignored)
+    if missing or unexpected:
+        raise ValueError(f"HF state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+
+    shardings = {} if mesh is None else dict(nnx.to_flat_state(state_shardings(abstract_state, mesh)))
+    loaded = []
+    for path, variable in flat_state:
+        if path in keys:
+            value = _to_numpy(state_dict[keys[path]])
+            if value.shape != variable.shape:
+                raise ValueError(f"{keys[path]!r}: HF tensor has shape {value.shape}, the model expects {variable.shape}")
+        else:  # a bitflip seed
+            value = np.zeros(variable.shape, variable.dtype)
+        sharding = shardings[path].get_value() if path in shardings else None
+        loaded.append((path, variable.replace(jax.device_put(value.astype(variable.dtype), sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("dp", "fsdp")
 
@@ -36,24 +36,30 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(dp: int = 1, fsdp: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(dp, fsdp)`` mesh; ``fsdp`` defaults to all devices not used by ``dp``."""
+    """A ``(dp, fsdp)`` mesh; ``fsdp`` defaults to all devices not used by ``dp``. Its axes are
+    ``Auto``: the parameters and the batch carry shardings and XLA propagates them through
+    the model (jax's default, ``Explicit``, would demand sharding annotations on every op)."""
     devices = list(devices if devices is not None else jax.devices())
     fsdp = fsdp or len(devices) // dp
-    return jax.make_mesh((dp, fsdp), MESH_AXES, devices=devices[: dp * fsdp])
+    return jax.make_mesh((dp, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices[: dp * fsdp])
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None,
                     rules: dict = LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """The ``PartitionSpec`` for an array whose dimensions have these logical names."""
-    spec = []
+    """The ``PartitionSpec`` for an array whose dimensions have these logical names. A mesh
+    axis shards at most one dimension, the first that asks for it (``("batch", "length",
+    "embed")`` activations split over the batch only)."""
+    spec, used = [], set()
     for i, name in enumerate(logical_axes):
         if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} is not in the sharding table ({', '.join(rules)})")
-        mesh_axes = rules.get(name) if name is not None else None
+        mesh_axes = rules[name] if name is not None else None
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        mesh_axes = tuple(axis for axis in mesh_axes if axis in mesh.shape)
+        mesh_axes = tuple(axis for axis in mesh_axes if axis in mesh.shape and axis not in used)
         if shape is not None and shape[i] % math.prod(mesh.shape[axis] for axis in mesh_axes):
             mesh_axes = ()
+        used.update(mesh_axes)
         spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*spec)
 

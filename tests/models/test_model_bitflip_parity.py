@@ -1,0 +1,72 @@
+"""A whole model under bitflip rules against the HF model transformed the NewComputeBench way
+(every selected nn.Linear replaced by mase-triton's RandomBitFlipLinear.from_linear, its
+kernels run by the Triton interpreter), with the same rules and seeds."""
+
+import re
+
+import jax.numpy as jnp
+import mase_reference
+import numpy as np
+import torch
+from flax import nnx
+from hf_models import flax_twin, hf_logits, random_hf_model, random_tokens, tiny_hf_config
+from mase_triton.random_bitflip.layers import RandomBitFlipLinear
+from mase_triton.utils.torch_module import set_layer_by_name
+
+from jaxflip.bitflip import apply_bitflip_rules, named_linears
+
+mase_reference.install_cpu_kernels()
+
+# Moderate probabilities and thresholds: flips change the logits without inf/NaN chaos. Higher
+# fraction-flip rates would break float32 agreement: XOR amplifies a 1-ulp difference between
+# the two frameworks' activations when the values differ in a run of low bits (0111.. vs 1000..).
+RULES = {
+    r"model\.layers\.1\.mlp\.(gate|up)_proj": dict(
+        x_p_exp=0.5**9, x_p_frac=0.5**11, x_zero_out_t=20.0, w_p_exp=0.5**8, w_p_frac=0.5**10, w_zero_out_t=0.5,
+        x_seed_exp=11, x_seed_frac=3, w_seed_exp=5, w_seed_frac=1),
+    r"model\.layers\.0\.self_attn\.o_proj": None,
+    "default": dict(x_p_exp=0.5**10, x_p_frac=0.5**10, x_zero_out_t=50.0, w_p_exp=0.5**10, w_p_frac=0.5**10,
+                    w_zero_out_t=1.0),
+}
+
+
+def newcomputebench_transform(model: torch.nn.Module, rules: dict) -> dict[str, RandomBitFlipLinear]:
+    """Replace each nn.Linear a rule selects (first full match in order, else ``default``, the
+    LM head only when named) by mase-triton's layer, as NewComputeBench's transform does."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        pattern = next((p for p in rules if p != "default" and re.fullmatch(p, name)), None)
+        if pattern is None and name != "lm_head" and "default" in rules:
+            pattern = "default"
+        if pattern is None or rules[pattern] is None:
+            continue
+        replaced[name] = RandomBitFlipLinear.from_linear(module, **rules[pattern])
+        set_layer_by_name(model, name, replaced[name])
+    return replaced
+
+
+def test_model_with_rules_matches_hf_with_mase_layers_over_two_calls():
+    rng = np.random.default_rng()
+    hf_model = random_hf_model(tiny_hf_config(), rng)
+    model = flax_twin(hf_model)
+    clean_model = flax_twin(hf_model)
+    hf_model.to(mase_reference.device())  # mase-triton's kernels run where the tensors are
+    mase_layers = newcomputebench_transform(hf_model, RULES)
+    table = apply_bitflip_rules(model, RULES)
+    assert sorted(row.layer for row in table if row.flipped) == sorted(mase_layers)
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+
+    for call in range(2):
+        tokens = random_tokens(rng, hf_model.config, (2, 8))
+        ours = np.asarray(forward(model, jnp.asarray(tokens)))
+        reference = hf_logits(hf_model, tokens)
+
+        scale = np.abs(reference[np.isfinite(reference)]).max()
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * scale)  # NaN == NaN if any
+        assert not np.allclose(ours, clean_model(jnp.asarray(tokens)), rtol=1e-3), "the flips should show"
+        linears = named_linears(model)
+        for name, layer in mase_layers.items():
+            mase_seeds = (layer.x_seed_exp, layer.x_seed_frac, layer.w_seed_exp, layer.w_seed_frac)
+            assert linears[name].seeds() == mase_seeds, f"call {call}: {name}"

@@ -1,0 +1,99 @@
+"""Logical axis annotations and their mapping to a (dp, fsdp) mesh of 8 host devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_models import flax_twin, random_hf_model, random_tokens, tiny_hf_config
+from jax.sharding import PartitionSpec
+
+from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules
+from jaxflip.models import LlamaForCausalLM, get_flavor, llama_from_hf_state_dict
+from jaxflip.models.sharding import (LOGICAL_AXIS_RULES, create_sharded, logical_sharding, make_mesh,
+                                     state_shardings)
+
+DEBUG = get_flavor("aixsim-debug", vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces 8 host devices)")
+    return make_mesh(dp=2, fsdp=4)
+
+
+def lora_model():
+    model = LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(0))
+    add_lora(model, rank=8, alpha=16.0, rngs=nnx.Rngs(1))
+    return model
+
+
+def test_every_parameter_names_its_axes():
+    model = nnx.eval_shape(lora_model)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = variable.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == len(variable.shape), path
+        assert all(axis in LOGICAL_AXIS_RULES for axis in axes), (path, axes)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.get_metadata()["out_sharding"] == ("heads", "embed")
+    assert q_proj.lora_A.get_metadata()["out_sharding"] == ("lora_rank", "embed")
+    assert model.model.layers[0].mlp.down_proj.weight.get_metadata()["out_sharding"] == ("embed", "mlp")
+
+
+def test_shardings_follow_the_table(mesh):
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(0)))
+    specs = {path: variable.get_value().spec
+             for path, variable in nnx.to_flat_state(state_shardings(nnx.state(abstract), mesh))}
+    assert specs[("model", "embed_tokens", "weight")] == PartitionSpec(None, "fsdp")
+    assert specs[("model", "layers", 1, "mlp", "down_proj", "weight")] == PartitionSpec("fsdp", None)
+    assert specs[("model", "layers", 1, "self_attn", "k_proj", "weight")] == PartitionSpec(None, "fsdp")
+    assert specs[("model", "norm", "weight")] == PartitionSpec(None)
+    assert specs[("model", "layers", 0, "self_attn", "q_proj", "x_seed_exp")] == PartitionSpec()
+    assert logical_sharding(mesh, ("batch", "length")).spec == PartitionSpec(("dp", "fsdp"), None)
+    # a dimension that does not divide over its mesh axes stays whole
+    assert logical_sharding(mesh, ("embed",), shape=(6,)).spec == PartitionSpec(None)
+
+
+def test_sharded_model_runs_and_matches_the_unsharded_one(mesh):
+    """With flips on: they are keyed on global element indices, so sharding does not move them.
+    (One block flips: every flipped tensor costs about a second of XLA compile time on CPU.)"""
+    sharded = create_sharded(lambda: LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(3)), mesh)
+    unsharded = LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(3))
+    weight = sharded.model.layers[0].mlp.gate_proj.weight[...]
+    assert weight.sharding.spec == PartitionSpec(None, "fsdp")
+    assert weight.addressable_shards[0].data.shape == (DEBUG.intermediate_size, DEBUG.hidden_size // 4)
+    assert isinstance(sharded.model.layers[0].mlp.gate_proj.x_seed_exp, BitflipSeed)
+    tokens = np.random.default_rng().integers(0, DEBUG.vocab_size, (8, 16))
+    batch = jax.device_put(tokens, logical_sharding(mesh, ("batch", "length")))
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    clean_logits = np.asarray(forward(unsharded, jnp.asarray(tokens)))
+    scale = np.abs(clean_logits).max()
+    # sharded matmuls sum in another order: float32 rounding, relative to the logits' scale
+    # (seen up to 2e-4 of it on CPU); the flips below move logits by more than 1e-2 of it
+    np.testing.assert_allclose(forward(sharded, batch), clean_logits, rtol=1e-3, atol=1e-3 * scale)
+
+    rules = {r"model\.layers\.0\.mlp\..*": dict(x_p_exp=0.5**8, x_p_frac=0.5**14, x_zero_out_t=30.0,
+                                                 w_p_exp=0.5**8, w_p_frac=0.5**14, w_zero_out_t=0.05)}
+    for model in (sharded, unsharded):
+        apply_bitflip_rules(model, rules, seed_mode="independent", base_seed=5)
+    logits = np.asarray(forward(sharded, batch))
+    reference = np.asarray(forward(unsharded, jnp.asarray(tokens)))
+    np.testing.assert_allclose(logits, reference, rtol=1e-3, atol=1e-3 * scale)
+    assert np.abs(logits - clean_logits).max() > 1e-2 * scale, "the flips should show"
+
+
+def test_hf_weights_load_straight_into_their_shards(mesh):
+    rng = np.random.default_rng()
+    hf_model = random_hf_model(tiny_hf_config(), rng)
+    model = llama_from_hf_state_dict(hf_model.config, hf_model.state_dict(), mesh=mesh)
+    assert model.model.layers[1].self_attn.o_proj.weight[...].sharding.spec == PartitionSpec("fsdp", None)
+    tokens = random_tokens(rng, hf_model.config, (2, 8))
+    np.testing.assert_allclose(model(jnp.asarray(tokens)), flax_twin(hf_model)(jnp.asarray(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_model_is_created_sharded(mesh):
+    model = create_sharded(lora_model, mesh)
+    lora_b = model.model.layers[0].mlp.down_proj.lora_B[...]
+    assert isinstance(model.model.layers[0].mlp.down_proj.lora_B, LoRAParam)
+    assert lora_b.sharding.spec == PartitionSpec("fsdp", None) and not np.any(lora_b)
