@@ -1,0 +1,5 @@
+"""Text data: the built-in corpus and tokenizer, HF datasets and local files, packing."""
+
+from jaxflip.data.builtin import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
+
+__all__ = ["BUILTIN_NAME", "builtin_documents", "builtin_tokenizer_dir"]
