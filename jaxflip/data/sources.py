@@ -1,0 +1,100 @@
+"""Where text comes from: the built-in corpus, local files, or HF hub datasets; and tokenizers.
+
+Every source becomes a ``datasets.IterableDataset`` with a ``text`` column, so training and
+evaluation read them one way and resume them one way (``state_dict`` / ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from jaxflip.data.builtin import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BUILTIN_TOKENIZER = "builtin"
+
+
+def local_format(path: str | os.PathLike) -> str | None:
+    """The ``datasets`` builder for a local file or folder of files, or None if not local."""
+    path = Path(path)
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+    formats = {LOCAL_FORMATS.get("".join(f.suffixes[-2:-1]) if f.suffix == ".gz" else f.suffix) for f in files}
+    formats.discard(None)
+    if not files:
+        return None
+    if len(formats) != 1:
+        raise ValueError(f"{path}: expected .txt, .jsonl/.json or .parquet files (optionally .gz), found "
+                         f"{sorted({f.name for f in files})[:5]}")
+    return formats.pop()
+
+
+def load_documents(source: str, *, split: str = "train", subset: str | None = None, text_field: str = "text",
+                   streaming: bool = True, shuffle_seed: int | None = None):
+    """An ``IterableDataset`` of documents (column ``text``) from
+
+    * ``"builtin:moby-dick"``: the shipped corpus (``split`` train / validation / all);
+    * a local file or folder: ``.txt`` (one document per line; empty lines dropped),
+      ``.jsonl`` / ``.json`` / ``.parquet`` (the ``text_field`` column);
+    * an HF hub dataset name (``subset`` is its config, e.g. ``sample-100BT``), streamed.
+
+    ``shuffle_seed``: a seeded permutation of the documents (map-style sources: built-in and
+    local files; exact, and the resume state stays exact). Hub streams keep their order.
+    """
+    import datasets
+
+    if source == BUILTIN_NAME:
+        dataset = datasets.Dataset.from_dict({"text": builtin_documents(split)})
+    elif (builder := local_format(source)) is not None:
+        files = [str(f) for f in sorted(Path(source).iterdir())] if Path(source).is_dir() else [source]
+        dataset = datasets.load_dataset(builder, data_files={"data": files}, split="data")
+        dataset = _text_column(dataset, text_field, source)
+        if builder == "text":
+            dataset = dataset.filter(lambda row: bool(row["text"].strip()))
+    elif os.path.exists(source):
+        raise ValueError(f"{source}: not a .txt, .jsonl, .json or .parquet file or a folder of them")
+    else:
+        dataset = datasets.load_dataset(source, subset, split=split, streaming=streaming)
+        return _text_column(dataset, text_field, source)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    return dataset.to_iterable_dataset()
+
+
+def _text_column(dataset, text_field: str, source: str):
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"{source}: no {text_field!r} column (columns: {', '.join(columns)}); set the text field")
+    if text_field != "text":
+        dataset = dataset.rename_column(text_field, "text")
+    return dataset.select_columns(["text"]) if columns is not None else dataset
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A ``transformers`` tokenizer by hub name or local path; ``"builtin"`` is the shipped one."""
+    from transformers import AutoTokenizer
+
+    if str(name_or_path) == BUILTIN_TOKENIZER:
+        name_or_path = builtin_tokenizer_dir()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path} has no EOS token, which packing appends to every document")
+    return tokenizer
+
+
+def token_windows(texts: Iterable[str], tokenizer, seq_len: int, *, buffer: list[int] | None = None
+                  ) -> Iterator[np.ndarray]:
+    """Pack documents into int32 windows of ``seq_len + 1`` tokens (inputs and shifted labels):
+    tokenize each (no special tokens), append EOS, concatenate, cut. ``buffer`` holds the
+    tokens carried over between windows; the caller may pass its own to save and restore it."""
+    buffer = [] if buffer is None else buffer
+    window = seq_len + 1
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(tokenizer.eos_token_id)
+        while len(buffer) >= window:
+            yield np.asarray(buffer[:window], np.int32)
+            del buffer[:window]
