@@ -72,13 +72,18 @@ class BitFlipLoRALinear(BitFlipLinear):
 
 
 def _copy_rest(source: BitFlipLinear, target: BitFlipLinear) -> None:
-    """Everything of a Linear but its weight: bias, flips, seeds (as arrays: this also runs
-    traced, inside ``nnx.eval_shape`` or ``jit``)."""
-    if source.bias is not None:
-        target.bias[...] = source.bias[...]
+    """Everything of a Linear but its weight: bias, flips, seeds, as new Variables holding the
+    source's values (writing the values into the target's Variables with ``[...] =`` would do
+    the same, but under ``nnx.eval_shape`` each such write costs ~60 ms of jax tracer
+    bookkeeping: minutes for a 70B model)."""
+    target.bias = None if source.bias is None else _copy_variable(source.bias)
     target.x_flip, target.w_flip = source.x_flip, source.w_flip
     for name in SEED_NAMES:
-        getattr(target, name)[...] = getattr(source, name)[...]
+        setattr(target, name, _copy_variable(getattr(source, name)))
+
+
+def _copy_variable(variable: nnx.Variable) -> nnx.Variable:
+    return type(variable)(variable.get_value(), **variable.get_metadata())
 
 
 def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:

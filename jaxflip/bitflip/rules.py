@@ -73,7 +73,17 @@ class RuleTable(list):
 
 def apply_bitflip_rules(model: nnx.Module, rules: Mapping, seed_mode: str = "reference", base_seed: int = 0) -> RuleTable:
     """Configure every ``BitFlipLinear`` of ``model`` from ``rules`` (in place) and return
-    which layer got which rule.
+    which layer got which rule (see ``match_rules``)."""
+    linears = named_linears(model)
+    table = match_rules(list(linears), rules, seed_mode, base_seed)
+    for row in table:
+        linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds)
+    return table
+
+
+def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "reference", base_seed: int = 0) -> RuleTable:
+    """The flips and starting seeds that ``rules`` give each of ``layer_names`` (the Linears
+    of a model, by HF module name); any framework's model can be configured from the table.
 
     Layers no rule applies to get no flips. Starting seeds: the rule's seeds
     (``seed_mode="reference"``, mase-triton's behaviour) or, ignoring the rule's seeds,
@@ -86,18 +96,17 @@ def apply_bitflip_rules(model: nnx.Module, rules: Mapping, seed_mode: str = "ref
         raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
     if not isinstance(rules, Mapping):
         raise ValueError(f"bitflip rules must be a mapping from layer-name regex to settings, got {type(rules).__name__}")
-    linears = named_linears(model)
     settings = {pattern: _parse_rule(pattern, rule) for pattern, rule in rules.items()}
     patterns = {pattern: _compile(pattern) for pattern in rules if pattern != DEFAULT}
     for pattern, regex in patterns.items():
-        if not any(regex.fullmatch(name) for name in linears):
+        if not any(regex.fullmatch(name) for name in layer_names):
             raise ValueError(
                 f"bitflip rule {pattern!r} matches no layer (patterns must match a whole layer name); "
-                f"layers are: {', '.join(linears)}"
+                f"layers are: {', '.join(layer_names)}"
             )
 
     table = RuleTable()
-    for name, linear in linears.items():
+    for name in layer_names:
         pattern = next((p for p, regex in patterns.items() if regex.fullmatch(name)), None)
         if pattern is None and name != LM_HEAD and DEFAULT in rules:
             pattern = DEFAULT
@@ -108,7 +117,6 @@ def apply_bitflip_rules(model: nnx.Module, rules: Mapping, seed_mode: str = "ref
             x_flip, w_flip, seeds = rule
             if seed_mode == "independent":
                 seeds = tuple(independent_seed(base_seed, name, seed_name) for seed_name in SEED_NAMES)
-        linear.configure(x_flip, w_flip, seeds)
         table.append(RuleRow(name, pattern, x_flip, w_flip, seeds))
     return table
 

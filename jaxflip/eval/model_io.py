@@ -1,0 +1,52 @@
+"""What every eval command starts from: the model of ``--checkpoint``, its tokenizer, and the
+bitflip rules of ``--bitflip-config`` applied to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxflip.bitflip import RuleTable, apply_bitflip_rules, named_linears
+from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.models import LlamaForCausalLM
+
+
+def open_model(checkpoint: str, *, dtype: str | None = None) -> tuple[LlamaForCausalLM, str | None]:
+    """``(model, tokenizer_dir or None)`` of a jaxflip checkpoint or an HF model directory."""
+    from jaxflip.convert import open_checkpoint
+
+    return open_checkpoint(checkpoint, param_dtype=dtype)
+
+
+def open_tokenizer(tokenizer: str | None, checkpoint_tokenizer_dir: str | None, checkpoint: str):
+    """``--tokenizer`` if given (a path, a hub name or ``builtin``), else the checkpoint's own."""
+    from jaxflip.data import load_tokenizer
+
+    source = tokenizer or checkpoint_tokenizer_dir
+    if source is None:
+        raise ValueError(f"{checkpoint} has no tokenizer; pass --tokenizer (a path, a hub name or 'builtin')")
+    return load_tokenizer(source)
+
+
+@dataclass(frozen=True)
+class BitflipSetup:
+    """The rules of a bitflip config file as applied to one model."""
+
+    path: str
+    rules: dict
+    seed_mode: str
+    base_seed: int
+    table: RuleTable
+
+    def summary(self) -> dict:
+        """The JSON record of what was flipped."""
+        return {"config": self.path, "seed_mode": self.seed_mode, "base_seed": self.base_seed,
+                "flipped_layers": [row.layer for row in self.table if row.flipped]}
+
+
+def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
+    """Configure ``model``'s flips from the file (its seeds start afresh)."""
+    rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=list(named_linears(model)))
+    table = apply_bitflip_rules(model, rules, seed_mode, base_seed)
+    if not any(row.flipped for row in table):
+        raise ValueError(f"{path}: the bitflip rules flip no layer of this model")
+    return BitflipSetup(path, rules, seed_mode, base_seed, table)

@@ -1,0 +1,105 @@
+"""``ppl``: token-weighted mean cross-entropy and perplexity on the first N sequences of a
+dataset, clean and under bitflip, as the 70B tutorial's ``eval.py`` reports them.
+
+Documents are packed into ``seq_len + 1`` token windows (``jaxflip.data.token_windows``: each
+document then EOS); every window predicts its last ``seq_len`` tokens, so each sequence
+weighs ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
+from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
+from jaxflip.eval.report import format_table
+
+
+@dataclass(frozen=True)
+class PerplexityRow:
+    condition: str
+    sequences: int
+    tokens: int
+    loss: float  # mean cross-entropy per token, nats
+    perplexity: float
+
+
+@nnx.jit
+def _summed_cross_entropy(model, windows: jax.Array) -> jax.Array:
+    logits = model(windows[:, :-1]).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(log_probs, windows[:, 1:, None], axis=-1))
+
+
+def evaluation_windows(tokenizer, *, dataset: str, split: str, subset: str | None, text_field: str, seq_len: int,
+                       num_sequences: int) -> np.ndarray:
+    """The first ``num_sequences`` packed windows (N, seq_len + 1) of the dataset, or fewer
+    when it runs out."""
+    documents = load_documents(dataset, split=split, subset=subset, text_field=text_field)
+    windows = list(itertools.islice(token_windows((row["text"] for row in documents), tokenizer, seq_len),
+                                    num_sequences))
+    if not windows:
+        raise ValueError(f"{dataset} ({split}) holds fewer than {seq_len + 1} tokens: no sequence to evaluate")
+    return np.stack(windows)
+
+
+def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> PerplexityRow:
+    """Mean cross-entropy over every predicted token of ``windows``, ``batch_size`` windows
+    per forward (flips are keyed on the batch's layout, so the batch size is part of a
+    bitflip result)."""
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    loss = total / tokens
+    return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", default=BUILTIN_NAME,
+                        help="an HF hub dataset, a local .txt/.jsonl/.parquet file or folder, or %(default)s")
+    parser.add_argument("--split", default="validation", help="dataset split (default: %(default)s)")
+    parser.add_argument("--subset", default=None, help="HF dataset config name, e.g. sample-100BT")
+    parser.add_argument("--text-field", default="text", help="the text column (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=64, help="evaluate the first N sequences (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens predicted per sequence (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: %(default)s)")
+    parser.add_argument("--bitflip-only", action="store_true", help="skip the clean row (needs --bitflip-config)")
+
+
+def check_arguments(args) -> None:
+    for name in ("num_sequences", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bitflip_only and args.bitflip_config is None:
+        raise ValueError("--bitflip-only needs --bitflip-config")
+
+
+def run(args) -> dict:
+    model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
+    windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
+                                 text_field=args.text_field, seq_len=args.seq_len, num_sequences=args.num_sequences)
+    if len(windows) < args.num_sequences:
+        print(f"note: {args.dataset} holds only {len(windows)} sequences of {args.seq_len + 1} tokens")
+    rows = [] if args.bitflip_only else [perplexity(model, windows, args.batch_size, "clean")]
+    payload = {"command": "ppl", "checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+               "seq_len": args.seq_len, "batch_size": args.batch_size}
+    if args.bitflip_config is not None:
+        bitflip = apply_bitflip_config(model, args.bitflip_config)
+        rows.append(perplexity(model, windows, args.batch_size, "bitflip"))
+        payload["bitflip"] = bitflip.summary()
+    payload["rows"] = [asdict(row) for row in rows]
+    print(format_table(["condition", "sequences", "tokens", "loss (CE)", "perplexity"],
+                       [[row.condition, row.sequences, row.tokens, row.loss, row.perplexity] for row in rows]))
+    if len(rows) == 2:
+        payload["perplexity_ratio"] = rows[1].perplexity / rows[0].perplexity
+        print(f"bitflip / clean perplexity: {payload['perplexity_ratio']:.4g}x")
+    return payload

@@ -1,0 +1,222 @@
+"""``profile``: the range of |x| at every bitflip-eligible Linear input and of |W|, per layer
+and overall, to place zero-out thresholds above the legitimate values (the 70B tutorial's
+``eval.py --profile``).
+
+Values are counted in a histogram with one bin per bfloat16 magnitude (the top 16 bits of
+the float32 pattern: 8 exponent and 7 fraction bits), so memory stays fixed however many
+tokens pass. Percentiles are numpy's ``inverted_cdf`` percentiles of the values truncated to
+bfloat16: exact for bfloat16 models, within 2**-7 relative below the exact value for
+float32 ones. Maxima are exact. The model runs clean; ``--bitflip-config`` only selects the
+layers (those it flips; without it, every Linear but the LM head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears
+from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.data import BUILTIN_NAME
+from jaxflip.eval.model_io import open_model, open_tokenizer
+from jaxflip.eval.perplexity import evaluation_windows
+from jaxflip.eval.report import format_table
+
+BINS = 1 << 15  # |value| as bfloat16 bits: sign dropped
+PERCENTILES = {"p50": 50.0, "p99": 99.0, "p99.9": 99.9, "p99.99": 99.99}
+THRESHOLD_MARGIN = 2.0  # suggested zero-out threshold: a power of two at least this far above the max
+
+
+class AbsStats(nnx.Variable):
+    """Histogram (int32 per forward; the host sums them in int64) and max of |values|."""
+
+
+@jax.jit
+def abs_histogram(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    magnitudes = jnp.abs(values.astype(jnp.float32)).reshape(-1)
+    bins = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(magnitudes, jnp.uint32), jnp.uint32(16))
+    return jnp.bincount(bins.astype(jnp.int32), length=BINS).astype(jnp.int32), jnp.max(magnitudes)
+
+
+def bin_values() -> np.ndarray:
+    """The float32 value at the bottom of each bin."""
+    return (np.arange(BINS, dtype=np.uint32) << 16).view(np.float32)
+
+
+def percentiles(histogram: np.ndarray) -> dict[str, float]:
+    """numpy's ``inverted_cdf`` percentiles: the smallest value whose cumulative count reaches
+    ``q / 100`` of all."""
+    cumulative = np.cumsum(histogram)
+    values = bin_values()
+    return {name: float(values[np.searchsorted(cumulative, q / 100 * cumulative[-1])])
+            for name, q in PERCENTILES.items()}
+
+
+def suggested_threshold(maximum: float) -> float:
+    return float(2.0 ** math.ceil(math.log2(THRESHOLD_MARGIN * maximum))) if maximum > 0 else 1.0
+
+
+class ProfiledLinear(nnx.Module):
+    """A Linear that also counts |x| of every input it sees (flips off: the clean range)."""
+
+    def __init__(self, linear: BitFlipLinear):
+        self.linear = linear
+        self.histogram = AbsStats(jnp.zeros(BINS, jnp.int32))
+        self.maximum = AbsStats(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        histogram, maximum = abs_histogram(x)
+        self.histogram[...] += histogram
+        self.maximum[...] = jnp.maximum(self.maximum[...], maximum)
+        return self.linear(x)
+
+
+class Accumulator:
+    """Host-side int64 histogram and max of one tensor kind of one layer."""
+
+    def __init__(self):
+        self.histogram = np.zeros(BINS, np.int64)
+        self.maximum = 0.0
+
+    def add(self, histogram, maximum) -> None:
+        self.histogram += np.asarray(histogram, np.int64)
+        self.maximum = max(self.maximum, float(maximum))
+
+    def summary(self) -> dict[str, float]:
+        return percentiles(self.histogram) | {"max": self.maximum}
+
+
+@nnx.jit
+def _forward(model, inputs):
+    model(inputs)
+
+
+def _set_submodule(root: nnx.Module, dotted_name: str, module: nnx.Module) -> None:
+    *parents, last = dotted_name.split(".")
+    parent = root
+    for part in parents:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    if last.isdigit():
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
+def eligible_layers(model, bitflip_config: str | None) -> list[str]:
+    """The layers a bitflip config flips; without one, every Linear but the LM head (the
+    layers NewComputeBench flips)."""
+    names = list(named_linears(model))
+    if bitflip_config is None:
+        return [name for name in names if name != "lm_head"]
+    rules, seed_mode, base_seed = load_bitflip_config(bitflip_config, layer_names=names)
+    layers = [row.layer for row in match_rules(names, rules, seed_mode, base_seed) if row.flipped]
+    if not layers:
+        raise ValueError(f"{bitflip_config}: the bitflip rules flip no layer of this model")
+    return layers
+
+
+def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int) -> dict[str, dict[str, Accumulator]]:
+    """``{"x": {layer: Accumulator}, "w": {...}}`` over every window; the model is unchanged
+    after (the profiling wrappers are taken out again)."""
+    linears = named_linears(model)
+    stats = {"x": {name: Accumulator() for name in layers}, "w": {name: Accumulator() for name in layers}}
+    for name in layers:
+        stats["w"][name].add(*abs_histogram(linears[name].effective_weight()))
+    wrappers = {name: ProfiledLinear(linears[name]) for name in layers}
+    for name, wrapper in wrappers.items():
+        _set_submodule(model, name, wrapper)
+    try:
+        for start in range(0, len(windows), batch_size):
+            _forward(model, jnp.asarray(windows[start:start + batch_size, :-1]))
+            for name, wrapper in wrappers.items():
+                stats["x"][name].add(wrapper.histogram[...], wrapper.maximum[...])
+                wrapper.histogram[...] = jnp.zeros_like(wrapper.histogram[...])
+    finally:
+        for name in layers:
+            _set_submodule(model, name, linears[name])
+    return stats
+
+
+def overall(accumulators: dict[str, Accumulator]) -> Accumulator:
+    total = Accumulator()
+    for accumulator in accumulators.values():
+        total.add(accumulator.histogram, accumulator.maximum)
+    return total
+
+
+def plot_histograms(totals: dict[str, Accumulator], thresholds: dict[str, float], path: str) -> None:
+    """|x| and |W| counts per power-of-two magnitude, with p99.99, max and the suggestion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    titles = {"x": "|x| at Linear inputs", "w": "|W| of Linear weights"}
+    for axis, (kind, total) in zip(axes, totals.items()):
+        per_exponent = total.histogram.reshape(-1, 128).sum(axis=1)  # 128 fraction patterns per exponent
+        exponents = np.nonzero(per_exponent)[0]
+        edges = 2.0 ** (exponents.astype(np.float64) - 127)
+        axis.bar(edges, per_exponent[exponents], width=edges, align="edge", color="tab:blue")
+        summary = total.summary()
+        for value, label, style in ((summary["p99.99"], "p99.99", ":"), (summary["max"], "max", "--"),
+                                    (thresholds[kind], "suggested zero_out_t", "-")):
+            axis.axvline(value, color="tab:red", linestyle=style, label=f"{label} {value:.4g}")
+        axis.set(xscale="log", yscale="log", title=titles[kind], xlabel="magnitude", ylabel="count")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", default=BUILTIN_NAME,
+                        help="an HF hub dataset, a local .txt/.jsonl/.parquet file or folder, or %(default)s")
+    parser.add_argument("--split", default="validation", help="dataset split (default: %(default)s)")
+    parser.add_argument("--subset", default=None, help="HF dataset config name")
+    parser.add_argument("--text-field", default="text", help="the text column (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=64, help="profile over the first N sequences (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: %(default)s)")
+    parser.add_argument("--histogram", default=None, help="write the histogram PNG here (default: next to --output, "
+                                                          "else profile_histogram.png)")
+
+
+def check_arguments(args) -> None:
+    for name in ("num_sequences", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def run(args) -> dict:
+    model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
+    windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
+                                 text_field=args.text_field, seq_len=args.seq_len, num_sequences=args.num_sequences)
+    layers = eligible_layers(model, args.bitflip_config)
+    stats = profile_model(model, windows, layers, args.batch_size)
+    totals = {kind: overall(per_layer) for kind, per_layer in stats.items()}
+    thresholds = {kind: suggested_threshold(total.maximum) for kind, total in totals.items()}
+
+    columns = ["p50", *list(PERCENTILES)[1:], "max"]
+    rows = [[name, kind, *(stats[kind][name].summary()[c] for c in columns)] for name in layers for kind in ("x", "w")]
+    rows += [["overall", kind, *(totals[kind].summary()[c] for c in columns)] for kind in ("x", "w")]
+    print(format_table(["layer", "tensor", *columns], rows))
+    print(f"{len(windows)} sequences, {windows.shape[0] * (windows.shape[1] - 1)} tokens, {len(layers)} layers; "
+          f"suggested zero-out thresholds: x_zero_out_t = {thresholds['x']:g}, w_zero_out_t = {thresholds['w']:g}")
+    histogram_path = args.histogram or (str(args.output).removesuffix(".json") + "_histogram.png" if args.output
+                                        else "profile_histogram.png")
+    plot_histograms(totals, thresholds, histogram_path)
+    print(f"histogram: {histogram_path}")
+    return {
+        "command": "profile", "checkpoint": args.checkpoint, "dataset": args.dataset, "sequences": len(windows),
+        "seq_len": args.seq_len, "histogram_png": histogram_path,
+        "overall": {kind: total.summary() for kind, total in totals.items()},
+        "suggested_zero_out_t": {"x_zero_out_t": thresholds["x"], "w_zero_out_t": thresholds["w"]},
+        "layers": {name: {kind: stats[kind][name].summary() | {"suggested_zero_out_t": suggested_threshold(
+            stats[kind][name].maximum)} for kind in ("x", "w")} for name in layers},
+    }

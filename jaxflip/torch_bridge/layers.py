@@ -1,0 +1,68 @@
+"""``RandomBitFlipLinear``: a drop-in for mase-triton's layer of the same name, flipping with
+jaxflip through the DLPack bridge.
+
+Same constructor arguments, attributes (``x_nearest_exp_halves``, ``x_seed_exp``, ...),
+``from_linear`` and seed behaviour: each tensor whose three settings are not all None is
+flipped at every call and its seeds advance; the bias is not flipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jaxflip.kernels_pallas import calculate_flip_probability, find_nearest_prob_n_halves
+from jaxflip.torch_bridge.functional import random_bitflip
+
+
+class RandomBitFlipLinear(torch.nn.Linear):
+    """``y = flip(x) @ flip(W)^T + b``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype,
+                 x_p_exp: float | None, x_p_frac: float | None, x_zero_out_t: float | None,
+                 w_p_exp: float | None, w_p_frac: float | None, w_zero_out_t: float | None,
+                 x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0, w_seed_frac: int = 0) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.x_p_exp, self.x_p_frac, self.x_zero_out_t = x_p_exp, x_p_frac, x_zero_out_t
+        self.x_nearest_exp_halves = find_nearest_prob_n_halves(x_p_exp)
+        self.x_nearest_frac_halves = find_nearest_prob_n_halves(x_p_frac)
+        self.x_seed_exp, self.x_seed_frac = x_seed_exp, x_seed_frac
+        self.w_p_exp, self.w_p_frac, self.w_zero_out_t = w_p_exp, w_p_frac, w_zero_out_t
+        self.w_nearest_exp_halves = find_nearest_prob_n_halves(w_p_exp)
+        self.w_nearest_frac_halves = find_nearest_prob_n_halves(w_p_frac)
+        self.w_seed_exp, self.w_seed_frac = w_seed_exp, w_seed_frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, self.x_seed_exp, self.x_seed_frac = random_bitflip(
+            x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
+            self.x_zero_out_t)
+        w, self.w_seed_exp, self.w_seed_frac = random_bitflip(
+            self.weight, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
+            self.w_zero_out_t)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, x_p_exp: float | None, x_p_frac: float | None,
+                    x_zero_out_t: float | None, w_p_exp: float | None, w_p_frac: float | None,
+                    w_zero_out_t: float | None, x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0,
+                    w_seed_frac: int = 0) -> RandomBitFlipLinear:
+        """A bitflip layer holding a copy of ``linear``'s weight and bias."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                    linear.weight.dtype, x_p_exp=x_p_exp, x_p_frac=x_p_frac, x_zero_out_t=x_zero_out_t,
+                    w_p_exp=w_p_exp, w_p_frac=w_p_frac, w_zero_out_t=w_zero_out_t, x_seed_exp=x_seed_exp,
+                    x_seed_frac=x_seed_frac, w_seed_exp=w_seed_exp, w_seed_frac=w_seed_frac)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        def prob(halves):
+            return "None" if halves is None else f"{calculate_flip_probability(halves):.2e}"
+
+        return (f"{super().extra_repr()}, x_nearest_p_exp={prob(self.x_nearest_exp_halves)}, "
+                f"x_nearest_p_frac={prob(self.x_nearest_frac_halves)}, x_zero_out_threshold={self.x_zero_out_t}, "
+                f"x_seed_exp={self.x_seed_exp}, x_seed_frac={self.x_seed_frac}, "
+                f"w_nearest_p_exp={prob(self.w_nearest_exp_halves)}, "
+                f"w_nearest_p_frac={prob(self.w_nearest_frac_halves)}, w_zero_out_threshold={self.w_zero_out_t}, "
+                f"w_seed_exp={self.w_seed_exp}, w_seed_frac={self.w_seed_frac}")

@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "models"))  # hf_models, the NewComputeBench transform
+
+from tiny_models import save_checkpoint, tiny_text_model
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls_in_float32():
+    """Parity at float32 tolerance needs true float32 matmuls; on GPU XLA would use TF32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """``(path, hf_model)``: a fresh random tiny model saved as a jaxflip checkpoint with the
+    built-in tokenizer, and the HF model holding the same weights."""
+    hf_model, model = tiny_text_model(np.random.default_rng())
+    return save_checkpoint(model, tmp_path / "model"), hf_model

@@ -1,0 +1,92 @@
+"""lm-eval through the JAX-native ``JaxLM`` and through HFLM on the torch model with the
+bridge's layers: the same numbers, clean and under bitflip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from tiny_models import tiny_text_model
+
+from jaxflip.data import load_tokenizer
+from jaxflip.eval.__main__ import main
+from jaxflip.eval.lm_eval_jax import JaxLM
+
+# 916 tokens in the first held-out chapter: 15 rolling windows of 64, three batches of 5
+TASK_ARGS = ["--tasks", "moby_dick", "--limit", "1", "--batch-size", "5", "--max-length", "64"]
+METRICS = ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")
+RULES_YAML = """
+model\\.layers\\.1\\.mlp\\..*:
+  {x_p_exp: 0.0009765625, x_p_frac: 0.0009765625, x_zero_out_t: 50.0, w_p_exp: 0.0009765625,
+   w_p_frac: 0.0009765625, w_zero_out_t: 1.0, x_seed_exp: 3, w_seed_frac: 8}
+"""
+
+
+def lm_eval(path, tmp_path, backend, *extra) -> dict:
+    output = tmp_path / f"{backend}.json"
+    assert main(["lm-eval", "--checkpoint", path, "--backend", backend, *TASK_ARGS, "--output", str(output),
+                 *extra]) == 0
+    return json.loads(output.read_text())["results"]["moby_dick"]
+
+
+@pytest.mark.parametrize("bitflip", [False, True], ids=["clean", "bitflip"])
+def test_local_task_gives_the_same_results_through_jax_and_torch(checkpoint, tmp_path, capsys, bitflip):
+    path, _ = checkpoint
+    extra = []
+    if bitflip:
+        (tmp_path / "rules.yaml").write_text(RULES_YAML)
+        extra = ["--bitflip-config", str(tmp_path / "rules.yaml")]
+    jax_results = lm_eval(path, tmp_path, "jax", *extra)
+    torch_results = lm_eval(path, tmp_path, "torch", *extra)
+    for metric in METRICS:
+        assert jax_results[metric] == pytest.approx(torch_results[metric], rel=1e-5), metric
+    assert "|moby_dick|" in capsys.readouterr().out  # lm-eval's own table
+    if bitflip:
+        clean = lm_eval(path, tmp_path, "jax")
+        assert abs(clean["bits_per_byte,none"] - jax_results["bits_per_byte,none"]) > 1e-4, "the flips should show"
+
+
+def greedy_pair(tokenizer, hf_model) -> tuple[str, str]:
+    """A context and the text of the model's greedy next token, for a context after which
+    that text tokenizes back into the same token."""
+    for context in ("Call me Ishmael. Some years ago", "It was", "The sea", "Ahab said", "Queequeg and I"):
+        with torch.no_grad():
+            greedy = int(hf_model(torch.tensor([tokenizer.encode(context)])).logits[0, -1].argmax())
+        if tokenizer.encode(context + tokenizer.decode([greedy])) == tokenizer.encode(context) + [greedy]:
+            return context, tokenizer.decode([greedy])
+    raise AssertionError("no context re-tokenizes with its greedy continuation")
+
+
+def requests(tokenizer, hf_model) -> list[Instance]:
+    """Contexts of several lengths, an empty one, a group sharing one context (lm-eval's
+    one-token-continuation cache), and a continuation that is the model's greedy choice."""
+    pairs = [greedy_pair(tokenizer, hf_model), ("", "The whale"), ("It was the", " best of times"),
+             ("Whales", " swim"), ("Whales", " dive"), ("Whales", " sing"),
+             ("A very long context about the sea and the ship and the captain,", " who")]
+    return [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+
+
+def test_loglikelihood_and_greedy_generation_agree_with_hflm():
+    hf_model, model = tiny_text_model(np.random.default_rng())
+    tokenizer = load_tokenizer("builtin")
+    ours = JaxLM(model, tokenizer, batch_size=3, max_length=32)
+    reference = HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=3, max_length=32)
+    batch = requests(tokenizer, hf_model)
+
+    got, expected = ours.loglikelihood(batch), reference.loglikelihood(batch)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+    assert expected[0][1], "the first continuation is the greedy token"
+    np.testing.assert_allclose([score for score, _ in got], [score for score, _ in expected], rtol=1e-5)
+
+    generation = [Instance(request_type="generate_until", doc={}, idx=0, arguments=(
+        "Call me Ishmael.", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}))]
+    assert ours.generate_until(generation) == reference.generate_until(generation)
+
+
+def test_unknown_task_gives_a_one_line_error(checkpoint, capsys):
+    path, _ = checkpoint
+    assert main(["lm-eval", "--checkpoint", path, "--tasks", "no_such_task_here"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown lm-eval task(s) no_such_task_here" in error
