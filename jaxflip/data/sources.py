@@ -96,5 +96,6 @@ def token_windows(texts: Iterable[str], tokenizer, seq_len: int, *, buffer: list
         buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         buffer.append(tokenizer.eos_token_id)
         while len(buffer) >= window:
-            yield np.asarray(buffer[:window], np.int32)
-            del buffer[:window]
+            packed = np.asarray(buffer[:window], np.int32)
+            del buffer[:window]  # before yielding: a caller saving ``buffer`` then sees the carry
+            yield packed

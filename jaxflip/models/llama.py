@@ -25,6 +25,7 @@ from jaxflip.bitflip import BitFlipLinear
 from jaxflip.models.config import LlamaConfig
 
 embedding_init = nnx.initializers.normal(stddev=0.02)  # HF Llama's initializer_range
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -180,12 +181,26 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = Embedding(config, rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config)
+        self.remat = "none"  # see set_remat
+
+    def set_remat(self, policy: str) -> None:
+        """Activation checkpointing of each decoder layer in training: ``none``, ``full`` (keep
+        only layer inputs) or ``dots`` (also keep matmul outputs). The flips are a pure function
+        of the seeds, so the recomputed forward flips exactly what the first one did."""
+        if policy not in REMAT_POLICIES:
+            raise ValueError(f"remat policy must be one of {', '.join(REMAT_POLICIES)}, got {policy!r}")
+        self.remat = policy
 
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None):
         start = 0 if cache is None else cache.length
         positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         x = self.embed_tokens(input_ids)
         keys, values = [], []
+        if cache is None and self.remat != "none":
+            checkpointed = nnx.remat(lambda layer, x: layer(x, positions, None), policy=REMAT_POLICIES[self.remat])
+            for layer in self.layers:
+                x, _ = checkpointed(layer, x)
+            return self.norm(x), None
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, None if cache is None else (cache.keys[i], cache.values[i]))
             if cache is not None:

@@ -1,0 +1,1 @@
+"""Bitflip-aware training: ``python -m jaxflip.train --config FILE``."""

@@ -1,0 +1,87 @@
+"""Train checkpoints: Orbax, async, the last N kept, resumed exactly.
+
+A checkpoint holds the whole ``TrainState`` (step, trained weights, frozen weights, bitflip
+seeds, optimizer state) as one flat dict keyed by pytree path, restored straight into its
+shardings; and, per process, the data stream's position
+(``<output_dir>/data_state/<step>/process_<i>.json``, written before the Orbax save begins so
+that a finished checkpoint always has its data position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxflip.train.step import TrainState
+
+
+def flatten(tree) -> dict:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict, like):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(path)] for path, _ in paths])
+
+
+class Checkpointer:
+    def __init__(self, output_dir: Path, *, keep: int, async_save: bool):
+        self.directory = Path(output_dir).absolute() / "checkpoints"
+        self.data_directory = Path(output_dir).absolute() / "data_state"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> None:
+        self._write_data_state(step, data_state)
+        self.manager.save(step, args=ocp.args.StandardSave(flatten(state)), force=force)
+        self._prune_data_states()
+
+    def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        flat = self.manager.restore(step, args=ocp.args.StandardRestore(flatten(target)))
+        path = self.data_directory / str(step) / f"process_{jax.process_index()}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint step {step} has no data position at {path}")
+        return unflatten(flat, abstract), json.loads(path.read_text())
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _write_data_state(self, step: int, data_state: dict) -> None:
+        folder = self.data_directory / str(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"process_{jax.process_index()}.json"
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(data_state))
+        os.replace(partial, path)
+
+    def _prune_data_states(self) -> None:
+        """Keep the data positions of the checkpoints Orbax keeps (and of the one being saved)."""
+        if jax.process_index() != 0 or not self.data_directory.is_dir():
+            return
+        keep = set(self.manager.all_steps())
+        newest = max((int(p.name) for p in self.data_directory.iterdir() if p.name.isdigit()), default=None)
+        for folder in self.data_directory.iterdir():
+            if folder.name.isdigit() and int(folder.name) not in keep and int(folder.name) != newest:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_run_state(output_dir: Path) -> None:
+    """Start over: drop the checkpoints, data positions and metrics of an earlier run."""
+    output_dir = Path(output_dir)
+    for name in ("checkpoints", "data_state", "tensorboard", "model"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "loss.png"):
+        (output_dir / name).unlink(missing_ok=True)

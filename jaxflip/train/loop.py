@@ -1,0 +1,201 @@
+"""The training run: set up, resume if a checkpoint is there, step, log, checkpoint, export.
+
+Everything a run writes goes under ``[job] output_dir``: ``config.json`` (resolved),
+``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` + ``data_state/``, ``loss.png`` and, at
+the end, ``model/`` (a ``jaxflip.models`` checkpoint that eval and the converters read).
+Running the same command again resumes from the latest checkpoint; ``--job.start_over true``
+discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxflip.data.pipeline import BatchStream, StreamSpec
+from jaxflip.models.flavors import param_count
+from jaxflip.train import setup
+from jaxflip.train.checkpointing import Checkpointer, remove_run_state
+from jaxflip.train.config import TrainConfig, to_dict
+from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
+from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
+                                make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
+
+
+def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dict:
+    """What the config implies: parameters, tokens per step, steps for the token budget."""
+    from jaxflip.models import get_flavor
+
+    t = config.training
+    devices = device_count or jax.device_count()
+    changes = {"vocab_size": config.model.vocab_size} if config.model.vocab_size else {}
+    params = param_count(get_flavor(config.flavor, **changes))
+    global_batch = t.local_batch_size * devices
+    tokens_per_step = global_batch * t.gradient_accumulation_steps * t.seq_len
+    derived = {"params": params, "devices": devices, "global_batch": global_batch,
+               "tokens_per_step": tokens_per_step, "total_tokens": tokens_per_step * t.steps}
+    if t.token_scale > 0:
+        derived["steps_for_token_budget"] = math.ceil(t.token_scale * params / tokens_per_step)
+    return derived
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves and exits at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run(config: TrainConfig, *, on_step=None) -> dict:
+    """Train as configured; returns a summary. ``on_step(step, metrics)``: called after each
+    logged step (tests use it to interrupt a run)."""
+    setup.initialize_distributed(config)
+    t = config.training
+    lora = config.lora.r > 0
+    output_dir = Path(config.job.output_dir)
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"output_dir: {output_dir.absolute()}", flush=True)
+    if config.job.start_over and main_process:
+        remove_run_state(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    mesh = setup.build_mesh(config)
+    model, model_tokenizer_dir = setup.build_model(config, mesh)
+    rule_table = setup.apply_bitflip(config, model)
+    if main_process and rule_table is not None:
+        flipped = sum(row.flipped for row in rule_table)
+        print(f"bitflip: {flipped} of {len(rule_table)} Linear layers flip", flush=True)
+    tokenizer = setup.load_config_tokenizer(config, model_tokenizer_dir, model)
+    model_config = model.config
+
+    tx = make_optimizer(t)
+    graphdef, state, shardings = init_state(model, tx, mesh, lora)
+    del model
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+    checkpointer = (Checkpointer(output_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+                    if config.checkpoint.enable else None)
+    data_state = None
+    start = 0
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract, shardings)
+        start = latest
+        if main_process:
+            print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
+    if main_process:
+        resolved = to_dict(config) | {"derived": derived_numbers(config)}
+        (output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+
+    devices = jax.device_count()
+    local_rows = t.local_batch_size * jax.local_device_count()
+    spec = StreamSpec(config.data.dataset, tokenizer, t.seq_len, local_rows, seed=config.job.seed,
+                      split=config.data.split, subset=config.data.subset or None, text_field=config.data.text_field,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    stream = BatchStream(spec, state=data_state, prefetch=config.data.prefetch)
+    batch_shard = batch_sharding(mesh)
+    global_shape = (t.gradient_accumulation_steps, t.local_batch_size * devices, t.seq_len + 1)
+    train_step = make_train_step(graphdef, tx, t, shardings, batch_shard)
+    schedule = learning_rate_schedule(t)
+    tokens_per_step = math.prod(global_shape[:2]) * t.seq_len
+    flops = flops_per_token(model_config, t.seq_len, lora)
+    peak = peak_flops(jax.devices()[0])
+
+    logger = MetricsLogger(output_dir, tensorboard=config.metrics.tensorboard)
+    logger.truncate_after(start)
+    progress = None
+    if main_process and config.metrics.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    if main_process:
+        print(f"{trainable_param_count(state):,} trained parameters; {tokens_per_step:,} tokens per step; "
+              f"mesh {dict(mesh.shape)}", flush=True)
+
+    step, last_log_step, last_log_time = start, start, time.perf_counter()
+    record = None
+    try:
+        with _StopRequest() as stop:
+            while step < t.steps:
+                local = np.stack([next(stream) for _ in range(t.gradient_accumulation_steps)])
+                batch = jax.make_array_from_process_local_data(batch_shard, local, global_shape)
+                state, metrics = train_step(state, batch)
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+                if step % t.log_freq == 0 or step == t.steps or stop.requested:
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                    record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
+                              "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
+                              "mfu": tokens_per_s * flops / (peak * devices) if peak else None,
+                              "memory_gib": device_memory_gib()}
+                    last_log_step, last_log_time = step, now
+                    logger.log(record)
+                    if progress is not None:
+                        progress.write(format_record(record))
+                    elif main_process:
+                        print(format_record(record), flush=True)
+                    if on_step is not None:
+                        on_step(step, record)
+                if checkpointer and (step % t.save_freq == 0 or step == t.steps or stop.requested):
+                    checkpointer.save(step, state, stream.state(), force=stop.requested)
+                if stop.requested:
+                    break
+        if checkpointer:
+            checkpointer.wait()
+    finally:
+        stream.close()
+        if progress is not None:
+            progress.close()
+        logger.close()
+        if checkpointer:
+            checkpointer.close()
+
+    finished = step >= t.steps
+    summary = {"output_dir": str(output_dir.absolute()), "step": step, "finished": finished,
+               "loss": None if record is None else record["loss"]}
+    if finished and config.checkpoint.export_model:
+        summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
+    if config.metrics.plot:
+        plot = logger.plot()
+        summary["loss_png"] = None if plot is None else str(plot)
+    if main_process:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+def export_model(graphdef, state, output_dir: Path, model_tokenizer_dir, config: TrainConfig) -> Path:
+    """The trained model as a ``jaxflip.models`` checkpoint at ``output_dir/model``."""
+    from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
+    from jaxflip.models import save
+
+    model = merge_model(graphdef, state.trainable, state.frozen, state.seeds)
+    source = setup.tokenizer_source(config, model_tokenizer_dir)
+    tokenizer_dir = builtin_tokenizer_dir() if source == BUILTIN_TOKENIZER else source
+    return save(model, output_dir / "model", tokenizer_dir=tokenizer_dir if Path(tokenizer_dir).is_dir() else None,
+                overwrite=True)

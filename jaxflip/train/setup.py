@@ -1,0 +1,108 @@
+"""From a config to what the step needs: the device mesh, the model (random, HF or jaxflip
+weights; LoRA; bitflip rules; remat) and the tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxflip.bitflip import LoRAParam, add_lora, apply_bitflip_rules, named_linears
+from jaxflip.bitflip.rules_file import bitflip_section_to_rules
+from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
+from jaxflip.models import LlamaForCausalLM, get_flavor
+from jaxflip.models.sharding import create_sharded, make_mesh
+from jaxflip.train.config import ConfigError, TrainConfig
+
+
+def initialize_distributed(config: TrainConfig) -> None:
+    """``jax.distributed.initialize`` for multi-host runs: from the config's
+    ``[parallelism]`` fields when set, else from the environment JAX understands (SLURM,
+    ``JAX_COORDINATOR_ADDRESS``...). A single-host run with neither does nothing."""
+    p = config.parallelism
+    if p.coordinator_address:
+        jax.distributed.initialize(coordinator_address=p.coordinator_address,
+                                   num_processes=p.num_processes or None,
+                                   process_id=None if p.process_id < 0 else p.process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
+        jax.distributed.initialize()
+
+
+def build_mesh(config: TrainConfig) -> Mesh:
+    """A ``(dp, fsdp)`` mesh over every visible device; a config that does not cover exactly
+    those devices is an error (as torchrun's world size must match the reference's mesh)."""
+    p = config.parallelism
+    devices = jax.device_count()
+    dp = p.data_parallel_replicate_degree
+    fsdp = p.fsdp_degree if p.fsdp_degree != -1 else devices // dp
+    if dp * fsdp != devices:
+        raise ConfigError(f"parallelism.fsdp_degree: {fsdp} x data_parallel_replicate_degree {dp} = {dp * fsdp} "
+                          f"devices, but {devices} are visible ({jax.devices()[0].platform})")
+    return make_mesh(dp=dp, fsdp=fsdp)
+
+
+def tokenizer_source(config: TrainConfig, model_tokenizer_dir) -> str:
+    """``data.tokenizer`` if set, else the tokenizer that came with the weights, else the built-in one."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if model_tokenizer_dir is not None:
+        return str(model_tokenizer_dir)
+    if config.model.hf_model_path:
+        return config.model.hf_model_path
+    return BUILTIN_TOKENIZER
+
+
+def build_model(config: TrainConfig, mesh: Mesh):
+    """The sharded model, ready to train, and the tokenizer folder its weights came with.
+
+    Trained weights are float32 (the optimizer's master copy); frozen ones (LoRA's base) are
+    stored in ``training.dtype``; the forward runs in ``training.mixed_precision_param``."""
+    t, m = config.training, config.model
+    lora = config.lora.r > 0
+    stored = t.dtype if lora else "float32"
+    tokenizer_dir = None
+    if m.hf_model_path or m.checkpoint:
+        from jaxflip.convert import open_checkpoint
+
+        model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
+                                               dtype=t.mixed_precision_param)
+    else:
+        changes = {"param_dtype": stored, "dtype": t.mixed_precision_param}
+        if m.vocab_size:
+            changes["vocab_size"] = m.vocab_size
+        model_config = get_flavor(config.flavor, **changes)
+        model = create_sharded(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.job.seed)), mesh)
+    if lora:
+        add_lora(model, rank=config.lora.r, alpha=config.lora.lora_alpha, rngs=nnx.Rngs(config.job.seed + 1))
+        for _, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+            variable.set_value(variable.get_value().astype(jnp.float32))
+    model.model.set_remat(m.remat)
+    return model, tokenizer_dir
+
+
+def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):
+    """Configure the model's flips from ``[bitflip]``; returns the rule table (None when off)."""
+    if not config.bitflip.enable:
+        return None
+    rules, seed_mode, base_seed = bitflip_section_to_rules(_bitflip_section(config),
+                                                           layer_names=list(named_linears(model)))
+    return apply_bitflip_rules(model, rules, seed_mode=seed_mode, base_seed=base_seed)
+
+
+def _bitflip_section(config: TrainConfig) -> dict:
+    import dataclasses
+
+    section = dataclasses.asdict(config.bitflip)
+    section.pop("enable")
+    return {key: value for key, value in section.items() if value is not None}
+
+
+def load_config_tokenizer(config: TrainConfig, model_tokenizer_dir, model: LlamaForCausalLM):
+    tokenizer = load_tokenizer(tokenizer_source(config, model_tokenizer_dir))
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens do not fit the model's vocabulary of "
+                          f"{model.config.vocab_size} (set model.vocab_size)")
+    return tokenizer

@@ -1,0 +1,166 @@
+"""The train state and one optimizer step, as pure functions of explicit state.
+
+The model is split once into its graph (static) and four states: ``trainable`` (every
+``nnx.Param``, or only the ``LoRAParam`` factors), ``frozen`` (the rest of the weights),
+``seeds`` (the ``BitflipSeed`` of every flipped tensor) and the optax state. The step merges
+them into a model, runs ``gradient_accumulation_steps`` micro-batches under ``lax.scan`` (the
+seeds advancing through each), clips, updates, and returns the new state. Shardings are
+declared once: parameters by their logical axes (``jaxflip.models.sharding``), optimizer
+moments like the parameters they follow, seeds and counters replicated, the batch over every
+data axis.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxflip.bitflip import BitflipSeed, LoRAParam
+from jaxflip.models.sharding import logical_to_spec, state_shardings
+from jaxflip.train.config import TrainingConfig
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32: optimizer steps taken
+    trainable: nnx.State
+    frozen: nnx.State
+    seeds: nnx.State
+    opt_state: optax.OptState
+
+
+def learning_rate_schedule(t: TrainingConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine / linear decay to ``min_lr_ratio * lr`` at
+    ``steps`` (or constant)."""
+    decay_steps = max(t.steps - t.warmup_steps, 1)
+    end = t.lr * t.min_lr_ratio
+    decay = {
+        "cosine": optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.min_lr_ratio),
+        "linear": optax.linear_schedule(t.lr, end, decay_steps),
+        "constant": optax.constant_schedule(t.lr),
+    }[t.decay]
+    if t.warmup_steps == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), decay], [t.warmup_steps])
+
+
+def make_optimizer(t: TrainingConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate_schedule(t), b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(t.max_norm), adamw) if t.max_norm > 0 else adamw
+
+
+def split_model(model: nnx.Module, lora: bool):
+    """``(graphdef, trainable, frozen, seeds)``."""
+    trainable_filter = LoRAParam if lora else nnx.Param
+    graphdef, trainable, seeds, frozen = nnx.split(model, trainable_filter, BitflipSeed, ...)
+    return graphdef, trainable, frozen, seeds
+
+
+def merge_model(graphdef, trainable, frozen, seeds) -> nnx.Module:
+    """A model over fresh Variables (``jax.tree.map`` rebuilds them at the current trace level,
+    so the forward may advance the seeds inside ``jit`` / ``scan``)."""
+    fresh = jax.tree.map(lambda x: x, (trainable, seeds, frozen))
+    return nnx.merge(graphdef, *fresh)
+
+
+def state_sharding(mesh: Mesh, tx: optax.GradientTransformation, abstract: TrainState) -> TrainState:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable = state_shardings(abstract.trainable, mesh)
+    # optax state: moments shaped like the trainable parameters follow their sharding
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract.opt_state,
+                                      jax.tree.map(lambda v: v, trainable),
+                                      transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, trainable=trainable, frozen=state_shardings(abstract.frozen, mesh),
+                      seeds=jax.tree.map(lambda _: replicated, abstract.seeds), opt_state=opt_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Micro-batches ``(accumulation, batch, seq_len + 1)``: rows over every data axis."""
+    spec = logical_to_spec((None, "batch", "length"), mesh)
+    return NamedSharding(mesh, spec)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, lora: bool):
+    """``(graphdef, state, shardings)`` with the optimizer state created sharded."""
+    graphdef, trainable, frozen, seeds = split_model(model, lora)
+
+    def create(trainable):
+        return tx.init(trainable)
+
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
+                          jax.eval_shape(create, trainable))
+    shardings = state_sharding(mesh, tx, abstract)
+    opt_state = jax.jit(create, out_shardings=shardings.opt_state)(trainable)
+    step = jax.device_put(jnp.int32(0), shardings.step)
+    seeds = jax.device_put(seeds, shardings.seeds)
+    return graphdef, TrainState(step, trainable, frozen, seeds, opt_state), shardings
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean token cross-entropy, in float32 whatever the compute dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfig, shardings: TrainState,
+                    batch_shard: NamedSharding):
+    """``step(state, batch) -> (state, metrics)``, jitted, the state donated. ``batch``:
+    int32 ``(gradient_accumulation_steps, global_batch, seq_len + 1)``."""
+    compute = jnp.dtype(t.mixed_precision_param)
+    reduce = jnp.dtype(t.mixed_precision_reduce)
+
+    def loss_fn(trainable, frozen, seeds, tokens):
+        # the forward sees the compute dtype; gradients flow back to the float32 master weights
+        cast = jax.tree.map(lambda w: w.astype(compute) if jnp.issubdtype(w.dtype, jnp.floating) else w, trainable)
+        model = merge_model(graphdef, cast, frozen, seeds)
+        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        return loss, nnx.state(model, BitflipSeed)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: jax.Array):
+        def micro_step(carry, tokens):
+            grad_sum, loss_sum, seeds = carry
+            (loss, seeds), grads = grad_fn(state.trainable, state.frozen, seeds, tokens)
+            grad_sum = jax.tree.map(lambda total, g: total + g.astype(reduce), grad_sum, grads)
+            return (grad_sum, loss_sum + loss, seeds), None
+
+        zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, reduce), state.trainable)
+        (grad_sum, loss_sum, seeds), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0), state.seeds), batch)
+        accumulation = batch.shape[0]
+        grads = jax.tree.map(lambda g, w: (g / accumulation).astype(w.dtype), grad_sum, state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss_sum / accumulation, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, state.frozen, seeds, opt_state), metrics
+
+    return jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def trainable_param_count(state: TrainState) -> int:
+    return sum(x.size for x in jax.tree.leaves(state.trainable))
+
+
+def flops_per_token(model_config, seq_len: int, lora: bool) -> float:
+    """Matmul FLOPs per trained token (PaLM's estimate): 6 N for the weights (forward 2 N,
+    backward 4 N; with LoRA the frozen weights get no gradient: 4 N) plus attention's
+    12 L d T. N counts every Linear weight (LM head included, embedding lookup excluded)."""
+    from jaxflip.models.flavors import param_count
+
+    n = param_count(model_config, exclude_embedding=True)
+    if model_config.tie_word_embeddings:
+        n += model_config.vocab_size * model_config.hidden_size
+    attention = 12 * model_config.num_hidden_layers * model_config.num_attention_heads * model_config.head_dim * seq_len
+    return (4 if lora else 6) * n + attention
+
+
+# dense bf16 peak FLOP/s by jax device_kind prefix, for MFU
+PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA B200": 2250e12, "NVIDIA A100": 312e12,
+              "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    return next((flops for prefix, flops in PEAK_FLOPS.items() if device.device_kind.startswith(prefix)), None)

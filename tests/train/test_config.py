@@ -1,0 +1,99 @@
+"""Job configs: the reference's 70B file loads unchanged, errors name their field."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxflip.bitflip import named_linears
+from jaxflip.models import LlamaForCausalLM, get_flavor
+from jaxflip.train.__main__ import main
+from jaxflip.train.config import ConfigError, from_dict, load_config
+
+# NewComputeBench's config_70b.toml, verbatim from the 70B FSDP2 LoRA tutorial
+REFERENCE_70B = """\
+[model]
+flavor = "70B"
+hf_model_path = "meta-llama/Meta-Llama-3-70B"
+[training]
+dtype = "bfloat16"
+mixed_precision_param = "bfloat16"
+mixed_precision_reduce = "float32"
+seq_len = 2048
+local_batch_size = 2
+gradient_accumulation_steps = 4
+steps = 20 # override with --steps for full run
+lr = 2e-4
+weight_decay = 0.01
+warmup_steps = 100
+max_norm = 1.0
+log_freq = 5
+save_freq = 500
+[parallelism]
+fsdp_degree = 4
+[lora]
+r = 32
+lora_alpha = 32
+[bitflip]
+w_p_exp = 1.52587890625e-05 # 0.5^16
+w_p_frac = 1.52587890625e-05 # 0.5^16
+w_zero_out_t = 256.0 # > profiled |w| max (126.5)
+x_p_exp = 1.52587890625e-05 # 0.5^16
+x_p_frac = 1.52587890625e-05 # 0.5^16
+x_zero_out_t = 8192.0 # > profiled |x| max (3680)
+base_seed = 0
+skip_patterns = ["output"] # lm_head is not perturbed
+"""
+
+
+def test_reference_70b_config_loads_and_resolves(tmp_path, capsys):
+    path = tmp_path / "config_70b.toml"
+    path.write_text(REFERENCE_70B)
+    assert main(["--config", str(path), "--steps", "21000", "--print-config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["training"]["steps"] == 21000
+    assert resolved["lora"] == {"r": 32, "lora_alpha": 32.0}
+    assert resolved["derived"]["params"] == 70_553_706_496
+    assert resolved["derived"]["tokens_per_step"] == 2 * 4 * 2048 * resolved["derived"]["devices"]
+
+
+def test_shipped_70b_config_builds_the_70b_model_abstractly():
+    config = load_config("configs/llama3-70b-lora.toml")
+    model_config = get_flavor(config.flavor, param_dtype=config.training.dtype)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    assert sum(math.prod(v.shape) for _, v in nnx.to_flat_state(params)) == 70_553_706_496
+    assert {v.dtype for _, v in nnx.to_flat_state(params)} == {jnp.dtype("bfloat16")}
+    # the adapters LoRA would add: r x (in + out) for every Linear but the LM head
+    linears = {name: linear for name, linear in named_linears(abstract).items() if name != "lm_head"}
+    n_lora = sum(config.lora.r * (lin.in_features + lin.out_features) for lin in linears.values())
+    d, kv, ffn, layers = 8192, 1024, 28672, 80
+    per_layer = sum(32 * (i + o) for i, o in [(d, d), (d, kv), (d, kv), (d, d), (d, ffn), (d, ffn), (ffn, d)])
+    assert len(linears) == 560 and n_lora == layers * per_layer
+    assert abstract.model.layers[79].mlp.down_proj.weight.shape == (d, ffn)
+
+
+def test_token_budget_steps_are_derived(tmp_path, capsys):
+    assert main(["--config", "configs/aixsim-60M.toml", "--print-config", "--parallelism.fsdp_degree", "-1"]) == 0
+    derived = json.loads(capsys.readouterr().out)["derived"]
+    assert derived["steps_for_token_budget"] == math.ceil(22 * derived["params"] / derived["tokens_per_step"])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--training.stepz", "3"], "training.stepz: unknown field"),
+    (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp: expected a probability"),
+    (["--training.lr", "fast"], "training.lr: expected a number"),
+    (["--parallelism.fsdp_degree", "3"], "parallelism.fsdp_degree: 3 x data_parallel_replicate_degree 1 = 3 devices"),
+])
+def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
+    code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="optimizer: unknown section"):
+        from_dict({"optimizer": {"lr": 1}})
