@@ -1,25 +1,33 @@
 """The jaxflip model checkpoint: one folder that eval, training and the converters share.
 
     PATH/jaxflip_model.json   the LlamaConfig, and the LoRA adapters' rank/alpha/layers if any
-    PATH/params/              Orbax checkpoint of the model's parameters (LoRA factors included)
+    PATH/params/00000/ ...    Orbax checkpoints of the parameters, a flat dict keyed by HF-style
+                              names (``model.layers.0.mlp.up_proj.weight``, LoRA factors
+                              ``...lora_A``/``lora_B`` included), split in shards of about
+                              ``max_shard_bytes`` each
     PATH/tokenizer/           the tokenizer files, when the model came with them
 
-``save`` writes everything into a sibling temporary folder and renames it into place, so PATH
-is either absent or complete. ``load`` rebuilds the model abstractly (no random
-initialisation) and restores each parameter straight into its place, sharded when a mesh is
-given. Bitflip settings and seeds are not part of the model: rules are applied after loading.
+Shards let a converter write a 70B model while holding one shard in host memory, and read one
+tensor at a time (Orbax restores a single key of a shard). ``save`` and the converters write
+into a sibling temporary folder and rename it into place, so PATH is either absent or
+complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
+parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
+not part of the model: rules are applied after loading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -32,7 +40,8 @@ from jaxflip.models.sharding import state_shardings
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DEFAULT_SHARD_BYTES = 512 << 20  # Orbax holds about 3 copies of a shard while writing it
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -73,30 +82,143 @@ def flat_params(state: nnx.State) -> dict:
             for path, variable in nnx.to_flat_state(state)}
 
 
-def save(model: LlamaForCausalLM, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-         overwrite: bool = False) -> Path:
-    """Write ``model`` (and the tokenizer files of ``tokenizer_dir``) to ``path`` atomically."""
+def abstract_model(config: LlamaConfig, lora: dict | None = None) -> LlamaForCausalLM:
+    """The model (with LoRA adapters on ``lora["layers"]``) as shapes only: nothing allocated."""
+
+    def build():
+        model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+        if lora:
+            add_lora(model, rank=lora["rank"], alpha=lora["alpha"], rngs=nnx.Rngs(0),
+                     skip=tuple(set(named_linears(model)) - set(lora["layers"])))
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def expected_params(config: LlamaConfig, lora: dict | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Name -> shape and dtype of every parameter a checkpoint of this model holds."""
+    return flat_params(param_state(abstract_model(config, lora)))
+
+
+def short_list(names, limit: int = 4) -> str:
+    """``a, b, c, d (+5 more)``: keeps an error message on one readable line."""
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_params(source, shapes: dict[str, tuple], expected: dict[str, jax.ShapeDtypeStruct]) -> None:
+    """Raise ``ValueError`` unless ``shapes`` (name -> shape) has exactly the expected names
+    and shapes."""
+    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
+    if missing or unexpected:
+        problems = ([f"missing {short_list(missing)}"] if missing else []) + (
+            [f"unexpected {short_list(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{source}: tensors do not fit the config: {'; '.join(problems)}")
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the config expects {tuple(expected[name].shape)}")
+
+
+@contextlib.contextmanager
+def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``path`` to write into; on success it is renamed to
+    ``path`` (replacing it with ``overwrite``), on any error or interrupt it is removed. PATH
+    is therefore either absent, the old one, or complete."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        metadata = {"format": "jaxflip-llama", "version": FORMAT_VERSION,
-                    "config": config_to_dict(model.config), "lora": lora_settings(model)}
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, staging / TOKENIZER_DIR)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / PARAMS_DIR, flat_params(param_state(model)))
-        checkpointer.wait_until_finished()
+        yield staging
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+            # move the old one aside first, so a failure between the two renames loses nothing
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return path
+
+
+LORA_FACTORS = ("lora_A", "lora_B")
+
+
+class CheckpointWriter:
+    """Fills a (staging) checkpoint folder parameter by parameter, holding at most one shard
+    of about ``max_shard_bytes`` in memory.
+
+    ``add`` checks each name and shape against the config and casts to its ``param_dtype``
+    (LoRA factors excepted);
+    ``finish`` writes the last shard and the metadata and checks that nothing is missing.
+    """
+
+    def __init__(self, folder: Path, config: LlamaConfig, *, lora: dict | None = None,
+                 tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder = Path(folder)
+        self.config = config
+        self.lora = lora
+        self.tokenizer_dir = tokenizer_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.expected = expected_params(config, lora)
+        self.written: set[str] = set()
+        self.shard: dict = {}
+        self.shard_bytes = 0
+        self.shard_count = 0
+        self.checkpointer = ocp.StandardCheckpointer()
+
+    def add(self, name: str, value) -> None:
+        """``value``: a numpy or jax array (jax arrays may be sharded: Orbax writes each shard
+        from its device)."""
+        if name not in self.expected:
+            raise ValueError(f"{name} is not a parameter of this model")
+        if name in self.written or name in self.shard:
+            raise ValueError(f"{name} was added twice")
+        want = self.expected[name]
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, the config expects {tuple(want.shape)}")
+        # LoRA factors keep the dtype they were trained in (float32 over a bfloat16 base)
+        if value.dtype != want.dtype and name.rsplit(".", 1)[-1] not in LORA_FACTORS:
+            value = value.astype(want.dtype)
+        if self.shard and self.shard_bytes + value.nbytes > self.max_shard_bytes:
+            self._write_shard()
+        self.shard[name] = value
+        self.shard_bytes += value.nbytes
+
+    def _write_shard(self) -> None:
+        self.checkpointer.save(self.folder / PARAMS_DIR / f"{self.shard_count:05d}", self.shard)
+        self.checkpointer.wait_until_finished()
+        self.written.update(self.shard)
+        self.shard, self.shard_bytes = {}, 0
+        self.shard_count += 1
+
+    def finish(self) -> None:
+        if self.shard:
+            self._write_shard()
+        missing = set(self.expected) - self.written
+        if missing:
+            raise ValueError(f"parameters never written: {short_list(missing)}")
+        metadata = {"format": "jaxflip-llama", "version": FORMAT_VERSION,
+                    "config": config_to_dict(self.config), "lora": self.lora}
+        (self.folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        if self.tokenizer_dir is not None:
+            copy_tokenizer_files(self.tokenizer_dir, self.folder / TOKENIZER_DIR)
+
+
+def save(model: LlamaForCausalLM, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+         overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``model`` (and the tokenizer files of ``tokenizer_dir``) to ``path`` atomically."""
+    with write_aside(path, overwrite=overwrite) as staging:
+        writer = CheckpointWriter(staging, model.config, lora=lora_settings(model), tokenizer_dir=tokenizer_dir,
+                                  max_shard_bytes=max_shard_bytes)
+        for name, value in flat_params(param_state(model)).items():
+            writer.add(name, value)
+        writer.finish()
+    return Path(path).absolute()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -125,10 +247,36 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
+def read_config(path: str | os.PathLike) -> tuple[LlamaConfig, dict | None]:
+    """The checkpoint's config and LoRA settings."""
+    metadata = read_metadata(path)
+    return config_from_dict(metadata["config"]), metadata.get("lora")
+
+
 def tokenizer_path(path: str | os.PathLike) -> Path | None:
     """The checkpoint's tokenizer folder, or None when it has none."""
     folder = Path(path) / TOKENIZER_DIR
     return folder if folder.is_dir() else None
+
+
+def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata.ArrayMetadata]]:
+    """Name -> (shard folder, Orbax array metadata: shape, dtype) of every stored parameter."""
+    params_dir = Path(path).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{path}: no {PARAMS_DIR}/ folder")
+    stored = {}
+    for shard in sorted(params_dir.iterdir()):
+        metadata = ocp.StandardCheckpointer().metadata(shard)
+        for name, array in dict(metadata.item_metadata.tree).items():
+            stored[name] = (shard, array)
+    return stored
+
+
+def read_param(shard: Path, name: str) -> np.ndarray:
+    """One stored parameter as a host numpy array, read alone from its shard."""
+    restored = ocp.PyTreeCheckpointer().restore(shard, args=ocp.args.PyTreeRestore(
+        item={name: 0}, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)}, partial_restore=True))
+    return restored[name]
 
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str | None = None,
@@ -140,41 +288,33 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
     if param_dtype is not None and dtype is None:
         values["dtype"] = param_dtype
     config = config_from_dict(values)
-    lora = metadata.get("lora")
-
-    def build():
-        model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
-        if lora:
-            add_lora(model, rank=lora["rank"], alpha=lora["alpha"], rngs=nnx.Rngs(0),
-                     skip=tuple(set(named_linears(model)) - set(lora["layers"])))
-        return model
-
-    abstract = nnx.eval_shape(build)
+    abstract = abstract_model(config, metadata.get("lora"))
     graphdef, abstract_state = nnx.split(abstract)
     params = param_state(abstract)
     wanted = flat_params(params)
     shardings = {} if mesh is None else flat_params(state_shardings(params, mesh))
-    params_dir = Path(path).absolute() / PARAMS_DIR
-    stored = ocp.StandardCheckpointer().metadata(params_dir)
-    stored = dict(stored.item_metadata.tree if hasattr(stored, "item_metadata") else stored)
-    missing, unexpected = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
-    if missing or unexpected:
-        raise ValueError(f"{path}: parameters do not fit the config: missing {missing}, unexpected {unexpected}")
-    targets = {}
-    for name, want in wanted.items():
-        if tuple(stored[name].shape) != tuple(want.shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(stored[name].shape)}, the config expects {tuple(want.shape)}")
+    stored = stored_params(path)
+    check_params(path, {name: array.shape for name, (_, array) in stored.items()}, wanted)
+    by_shard: dict[Path, dict] = {}
+    for name, (shard, array) in stored.items():
         # restore in the stored dtype (exact) and cast after
-        targets[name] = jax.ShapeDtypeStruct(want.shape, stored[name].dtype, sharding=shardings.get(
-            name, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-    restored = ocp.StandardCheckpointer().restore(params_dir, targets)
+        by_shard.setdefault(shard, {})[name] = jax.ShapeDtypeStruct(
+            array.shape, array.dtype,
+            sharding=shardings.get(name, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    restored = {}
+    for shard, targets in by_shard.items():
+        restored |= ocp.StandardCheckpointer().restore(shard, targets)
     for variable_path, variable in nnx.to_flat_state(params):
         name = ".".join(str(part) for part in variable_path)
-        variable.set_value(restored.pop(name).astype(wanted[name].dtype))
+        value = restored.pop(name)
+        # LoRA factors keep the dtype they were trained in (float32 over a bfloat16 base)
+        # unless a dtype is asked for
+        if not (variable_path[-1] in LORA_FACTORS and param_dtype is None):
+            value = value.astype(wanted[name].dtype)
+        variable.set_value(value)
     model = nnx.merge(graphdef, abstract_state)
     nnx.update(model, params)
     for variable_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
         if isinstance(variable.get_value(), jax.ShapeDtypeStruct):
             variable.set_value(jax.numpy.zeros(variable.shape, variable.dtype))
     return model
-

@@ -64,3 +64,31 @@ def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
     assert np.mean(curve[-2:]) < curve[0] - 0.5
     assert (out / "loss.png").is_file() and (out / "model" / "jaxflip_model.json").is_file()
     assert json.loads((out / "config.json").read_text())["derived"]["devices"] == 1
+
+
+def test_lora_from_hf_weights_in_bfloat16(tiny_job, tmp_path):
+    """The 70B recipe's shape at toy size: HF weights in, bf16 frozen base and compute, fp32 LoRA."""
+    import ml_dtypes
+    from hf_models import random_hf_model, tiny_hf_config
+
+    hf_config = tiny_hf_config()
+    hf_config.vocab_size = 4096  # the built-in tokenizer's
+    hf_model = random_hf_model(hf_config, np.random.default_rng())
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = tiny_job(model={"flavor": "8B", "hf_model_path": str(tmp_path / "hf"), "vocab_size": 0},
+                      lora={"r": 4, "lora_alpha": 8.0}, bitflip={"rules": None, "x_p_frac": 0.5**8, "base_seed": 1},
+                      training={"steps": 2, "dtype": "bfloat16", "mixed_precision_param": "bfloat16"})
+    summary = run(config)
+    assert summary["finished"] and np.isfinite(summary["loss"])
+    trained = load(summary["model"])
+    assert trained.model.layers[0].mlp.up_proj.weight[...].dtype == ml_dtypes.bfloat16
+    assert trained.model.layers[0].mlp.up_proj.lora_A[...].dtype == np.float32
+    np.testing.assert_array_equal(
+        np.asarray(trained.model.layers[1].self_attn.q_proj.weight[...]),
+        hf_model.model.layers[1].self_attn.q_proj.weight.detach().to(torch_bfloat16()).float().numpy().astype(ml_dtypes.bfloat16))
+
+
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16

@@ -1,0 +1,134 @@
+"""HF transformers <-> jaxflip checkpoint: logits, bit-exact round trips, what transformers loads."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, tiny_hf_config
+from safetensors.numpy import load_file
+
+from jaxflip.convert import open_checkpoint
+from jaxflip.convert.__main__ import main
+from jaxflip.convert.common import torch_to_numpy
+from jaxflip.convert.hf import load_hf_model
+from jaxflip.data import builtin_tokenizer_dir
+from jaxflip.models import load
+from jaxflip.models.checkpoint import copy_tokenizer_files, read_config, read_param, stored_params
+
+
+def save_hf_folder(model, folder, *, max_shard_size=None):
+    """``save_pretrained`` (sharded when ``max_shard_size`` is given) plus the repository's
+    offline tokenizer."""
+    model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    copy_tokenizer_files(builtin_tokenizer_dir(), folder)
+    return folder
+
+
+def hf_tensors(folder) -> dict[str, np.ndarray]:
+    tensors = {}
+    for file in folder.glob("*.safetensors"):
+        tensors |= load_file(file)
+    return tensors
+
+
+def original_tensors(model) -> dict[str, np.ndarray]:
+    """The HF model's parameters, without the tied head (it is the embedding)."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    return {name: torch_to_numpy(tensor) for name, tensor in state.items()}
+
+
+@pytest.fixture(scope="module", params=["single", "sharded", "tied"])
+def round_trip(request, tmp_path_factory):
+    """An HF model -> hf-to-orbax -> orbax-to-hf, with fresh random weights."""
+    rng = np.random.default_rng()
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model = random_hf_model(tiny_hf_config(tie=request.param == "tied"), rng)
+    save_hf_folder(hf_model, folder / "hf", max_shard_size="60KB" if request.param == "sharded" else None)
+    assert (folder / "hf" / "model.safetensors.index.json").is_file() == (request.param == "sharded")
+    assert main(["hf-to-orbax", str(folder / "hf"), str(folder / "orbax"), "--max-shard-size", "100KB"]) == 0
+    assert main(["orbax-to-hf", str(folder / "orbax"), str(folder / "hf_back"), "--max-shard-size", "100KB"]) == 0
+    return hf_model, folder, rng
+
+
+def test_flax_logits_equal_hf_logits(round_trip):
+    hf_model, folder, rng = round_trip
+    tokens = random_tokens(rng, hf_model.config, (2, 24))
+    ours = np.asarray(load(folder / "orbax")(jnp.asarray(tokens)))
+    assert relative_error(ours, hf_logits(hf_model, tokens)) < 1e-4
+
+
+def test_back_to_hf_is_bit_exact(round_trip):
+    hf_model, folder, _ = round_trip
+    original, converted = original_tensors(hf_model), hf_tensors(folder / "hf_back")
+    assert sorted(converted) == sorted(original)
+    for name, array in original.items():
+        assert converted[name].dtype == array.dtype and np.array_equal(converted[name], array), name
+
+
+def test_transformers_loads_the_converted_folder(round_trip):
+    hf_model, folder, rng = round_trip
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf_back", attn_implementation="eager")
+    tokens = random_tokens(rng, hf_model.config, (2, 24))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
+
+
+def test_transformers_loads_the_tokenizer(round_trip):
+    _, folder, _ = round_trip
+    text = "Call me Ishmael. Some years ago, never mind how long precisely"
+    expected = transformers.AutoTokenizer.from_pretrained(builtin_tokenizer_dir())(text)["input_ids"]
+    assert transformers.AutoTokenizer.from_pretrained(folder / "hf_back")(text)["input_ids"] == expected
+
+
+def test_bfloat16_conversion_rounds_like_torch(tmp_path):
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng())
+    save_hf_folder(hf_model, tmp_path / "hf")
+    assert main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orbax"), "--dtype", "bfloat16"]) == 0
+    assert read_config(tmp_path / "orbax")[0].param_dtype == "bfloat16"
+    stored = stored_params(tmp_path / "orbax")
+    for name, tensor in hf_model.state_dict().items():
+        expected = torch_to_numpy(tensor.to(torch.bfloat16))
+        assert np.array_equal(read_param(stored[name][0], name).view(np.uint16), expected.view(np.uint16)), name
+
+
+def test_load_hf_model_streams_a_pytorch_model_bin(tmp_path):
+    """The older torch.save layout, read memory-mapped with weights_only=True."""
+    rng = np.random.default_rng()
+    hf_model = random_hf_model(tiny_hf_config(), rng)
+    save_hf_folder(hf_model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    model, tokenizer_dir = load_hf_model(tmp_path)
+    tokens = random_tokens(rng, hf_model.config, (2, 16))
+    assert relative_error(np.asarray(model(jnp.asarray(tokens))), hf_logits(hf_model, tokens)) < 1e-4
+    assert tokenizer_dir == tmp_path
+
+
+def test_load_hf_model_keeps_bfloat16(tmp_path):
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng()).to(torch.bfloat16)
+    save_hf_folder(hf_model, tmp_path)
+    model, _ = load_hf_model(tmp_path)
+    weight = model.model.layers[1].mlp.up_proj.weight[...]
+    assert weight.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(weight), torch_to_numpy(hf_model.model.layers[1].mlp.up_proj.weight))
+
+
+def test_open_checkpoint_opens_both_kinds(round_trip):
+    hf_model, folder, rng = round_trip
+    tokens = jnp.asarray(random_tokens(rng, hf_model.config, (1, 12)))
+    from_orbax, orbax_tokenizer = open_checkpoint(folder / "orbax")
+    from_hf, hf_tokenizer = open_checkpoint(folder / "hf")
+    np.testing.assert_array_equal(np.asarray(from_orbax(tokens)), np.asarray(from_hf(tokens)))
+    assert (orbax_tokenizer, hf_tokenizer) == (folder / "orbax" / "tokenizer", folder / "hf")
+
+
+def test_overwrite_replaces_the_destination(tmp_path):
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng())
+    save_hf_folder(hf_model, tmp_path / "hf")
+    (tmp_path / "orbax").mkdir()
+    (tmp_path / "orbax" / "stale.txt").write_text("from before")
+    assert main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "orbax"), "--overwrite"]) == 0
+    assert not (tmp_path / "orbax" / "stale.txt").exists() and (tmp_path / "orbax" / "jaxflip_model.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orbax"]
