@@ -20,18 +20,21 @@ def tiny_hf_config(*, tie: bool = False, bias: bool = False) -> transformers.Lla
     )
 
 
-def random_hf_model(config: transformers.LlamaConfig, rng: np.random.Generator) -> transformers.LlamaForCausalLM:
-    """Every parameter random, norms included (HF's init leaves them at 1, which would hide a
+def randomize_parameters(model: torch.nn.Module, rng: np.random.Generator) -> torch.nn.Module:
+    """Every parameter random, norms included (inits that leave them at 1 would hide a
     mix-up), scaled so that attention and logits are far from uniform."""
     torch.manual_seed(int(rng.integers(2**31)))
-    model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
             else:
                 parameter.normal_(0.0, 0.15)
-    return model
+    return model.eval()
+
+
+def random_hf_model(config: transformers.LlamaConfig, rng: np.random.Generator) -> transformers.LlamaForCausalLM:
+    return randomize_parameters(transformers.LlamaForCausalLM(config), rng)
 
 
 def random_tokens(rng: np.random.Generator, config, shape) -> np.ndarray:

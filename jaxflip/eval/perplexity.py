@@ -62,15 +62,20 @@ def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> P
     return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))
 
 
-def add_arguments(parser) -> None:
+def add_window_arguments(parser) -> None:
+    """The options of ``evaluation_windows``, shared by ``ppl`` and ``profile``."""
     parser.add_argument("--dataset", default=BUILTIN_NAME,
                         help="an HF hub dataset, a local .txt/.jsonl/.parquet file or folder, or %(default)s")
     parser.add_argument("--split", default="validation", help="dataset split (default: %(default)s)")
     parser.add_argument("--subset", default=None, help="HF dataset config name, e.g. sample-100BT")
     parser.add_argument("--text-field", default="text", help="the text column (default: %(default)s)")
-    parser.add_argument("--num-sequences", type=int, default=64, help="evaluate the first N sequences (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=64, help="use the first N sequences (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens predicted per sequence (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: %(default)s)")
+
+
+def add_arguments(parser) -> None:
+    add_window_arguments(parser)
     parser.add_argument("--bitflip-only", action="store_true", help="skip the clean row (needs --bitflip-config)")
 
 

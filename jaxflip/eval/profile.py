@@ -21,9 +21,8 @@ from flax import nnx
 
 from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears
 from jaxflip.bitflip.rules_file import load_bitflip_config
-from jaxflip.data import BUILTIN_NAME
 from jaxflip.eval.model_io import open_model, open_tokenizer
-from jaxflip.eval.perplexity import evaluation_windows
+from jaxflip.eval.perplexity import add_window_arguments, evaluation_windows
 from jaxflip.eval.report import format_table
 
 BINS = 1 << 15  # |value| as bfloat16 bits: sign dropped
@@ -174,14 +173,7 @@ def plot_histograms(totals: dict[str, Accumulator], thresholds: dict[str, float]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default=BUILTIN_NAME,
-                        help="an HF hub dataset, a local .txt/.jsonl/.parquet file or folder, or %(default)s")
-    parser.add_argument("--split", default="validation", help="dataset split (default: %(default)s)")
-    parser.add_argument("--subset", default=None, help="HF dataset config name")
-    parser.add_argument("--text-field", default="text", help="the text column (default: %(default)s)")
-    parser.add_argument("--num-sequences", type=int, default=64, help="profile over the first N sequences (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: %(default)s)")
+    add_window_arguments(parser)
     parser.add_argument("--histogram", default=None, help="write the histogram PNG here (default: next to --output, "
                                                           "else profile_histogram.png)")
 

@@ -10,6 +10,7 @@ from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.attention import FlexAttention
 from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers
 
+from hf_models import randomize_parameters
 from jaxflip.models import LlamaConfig
 
 FlexAttention._compiled_flex_attn = flex_attention
@@ -31,15 +32,7 @@ def titan_model(config: LlamaConfig, rng: np.random.Generator) -> Llama3Model:
             rope=ComplexRoPE.Config(dim=config.head_dim, max_seq_len=config.max_position_embeddings,
                                     theta=config.rope_theta)),
     )
-    model = titan_config.build()
-    torch.manual_seed(int(rng.integers(2**31)))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.2 * torch.randn_like(parameter))
-            else:
-                parameter.normal_(0.0, 0.15)
-    return model.eval()
+    return randomize_parameters(titan_config.build(), rng)
 
 
 def titan_logits(model: Llama3Model, tokens: np.ndarray) -> np.ndarray:
