@@ -106,5 +106,5 @@ def run(args) -> dict:
                        [[row.condition, row.sequences, row.tokens, row.loss, row.perplexity] for row in rows]))
     if len(rows) == 2:
         payload["perplexity_ratio"] = rows[1].perplexity / rows[0].perplexity
-        print(f"bitflip / clean perplexity: {payload['perplexity_ratio']:.4g}x")
+        print(f"bitflip / clean perplexity: {payload['perplexity_ratio']:.4f}x")
     return payload

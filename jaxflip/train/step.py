@@ -134,7 +134,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
         grads = jax.tree.map(lambda g, w: (g / accumulation).astype(w.dtype), grad_sum, state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss_sum / accumulation, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / accumulation, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, state.frozen, seeds, opt_state), metrics
 
     return jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)

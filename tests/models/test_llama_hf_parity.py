@@ -90,7 +90,7 @@ def test_greedy_generation_picks_hf_argmax_at_every_step():
     ours = np.asarray(generate(model, jnp.asarray(prompt), max_new_tokens=8))
     assert ours.shape == (2, 14) and np.array_equal(ours[:, :6], prompt)
     with torch.no_grad():
-        logits = hf_model(torch.from_numpy(ours[:, :-1])).logits.numpy()
+        logits = hf_model(torch.from_numpy(ours[:, :-1].copy())).logits.numpy()
     steps = logits[:, 5:]  # the logits that chose tokens 6..13
     chosen = np.take_along_axis(steps, ours[:, 6:, None], axis=-1)[..., 0]
     np.testing.assert_array_less(steps.max(axis=-1) - chosen, 1e-4)
