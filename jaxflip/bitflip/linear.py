@@ -143,3 +143,15 @@ def named_linears(model: nnx.Module) -> dict[str, BitFlipLinear]:
         for path, module in nnx.iter_modules(model)
         if isinstance(module, BitFlipLinear)
     }
+
+
+def replace_module(root: nnx.Module, dotted_name: str, new: nnx.Module) -> None:
+    """Put ``new`` where ``named_linears`` (or any dotted module path) names a submodule."""
+    *parents, last = dotted_name.split(".")
+    parent = root
+    for part in parents:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxflip.bitflip.linear import BitFlipLinear, named_linears
+from jaxflip.bitflip.linear import BitFlipLinear, named_linears, replace_module
 from jaxflip.bitflip.seeds import SEED_NAMES
 
 
@@ -28,6 +28,13 @@ def kaiming_uniform_sqrt5(key, shape, dtype):
     gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in) gives the bound 1 / sqrt(fan_in)."""
     bound = 1.0 / math.sqrt(shape[1])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def merged_weight(weight, lora_a, lora_b, *, rank: int, alpha: float) -> jax.Array:
+    """``W + (B @ A) * alpha / r`` in W's dtype: what the layer computes with, and what
+    merging (here or in the converters) writes."""
+    update = (jnp.asarray(lora_b) @ jnp.asarray(lora_a)) * (alpha / rank)
+    return jnp.asarray(weight) + update.astype(weight.dtype)
 
 
 class BitFlipLoRALinear(BitFlipLinear):
@@ -57,8 +64,7 @@ class BitFlipLoRALinear(BitFlipLinear):
         return lora
 
     def effective_weight(self) -> jax.Array:
-        update = (self.lora_B[...] @ self.lora_A[...]) * (self.alpha / self.rank)
-        return self.weight[...] + update.astype(self.weight[...].dtype)
+        return merged_weight(self.weight[...], self.lora_A[...], self.lora_B[...], rank=self.rank, alpha=self.alpha)
 
     def merge_lora(self) -> BitFlipLinear:
         """A plain ``BitFlipLinear`` with ``W + (B @ A) * alpha / r`` as its weight, the same
@@ -94,7 +100,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, skip
     for name, linear in named_linears(model).items():
         if name in skip or isinstance(linear, BitFlipLoRALinear):
             continue
-        _replace_module(model, name, BitFlipLoRALinear.from_linear(linear, rank=rank, alpha=alpha, rngs=rngs))
+        replace_module(model, name, BitFlipLoRALinear.from_linear(linear, rank=rank, alpha=alpha, rngs=rngs))
         wrapped.append(name)
     return wrapped
 
@@ -105,17 +111,6 @@ def merge_lora(model: nnx.Module) -> list[str]:
     merged = []
     for name, linear in named_linears(model).items():
         if isinstance(linear, BitFlipLoRALinear):
-            _replace_module(model, name, linear.merge_lora())
+            replace_module(model, name, linear.merge_lora())
             merged.append(name)
     return merged
-
-
-def _replace_module(root: nnx.Module, dotted_name: str, new: nnx.Module) -> None:
-    *parents, last = dotted_name.split(".")
-    parent = root
-    for part in parents:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    if last.isdigit():
-        parent[int(last)] = new
-    else:
-        setattr(parent, last, new)

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import Self
 
-import ml_dtypes
 import numpy as np
 
-from jaxflip.models.checkpoint import read_config, read_param, stored_params
+from jaxflip.bitflip.lora import merged_weight
+from jaxflip.models.checkpoint import LORA_FACTORS, read_config, read_param, stored_params
+from jaxflip.models.hf import BFLOAT16, torch_to_numpy
 
 DTYPE_CHOICES = ("keep", "float32", "bfloat16")
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-LORA_FACTORS = ("lora_A", "lora_B")  # name endings of a LoRA adapter's parameters
 
 
 class ConversionError(ValueError):
@@ -52,17 +51,6 @@ def resolve_dtype(requested: str, source_dtypes) -> str:
         return requested
     kinds = {np.dtype(dtype) for dtype in source_dtypes}
     return "bfloat16" if kinds == {BFLOAT16} else "float32"
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """A CPU torch tensor as numpy, bit for bit (numpy has no bfloat16 of its own: view the
-    bits). Shares memory with ``tensor`` where it can (memory-mapped files stay lazy)."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(BFLOAT16)
-    return tensor.numpy()
 
 
 def numpy_dtype(torch_dtype) -> np.dtype:
@@ -108,15 +96,6 @@ class TorchFileSource(TensorSource):
         return torch_to_numpy(self.tensors[name])
 
 
-def merge_lora_factors(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, *, rank: int, alpha: float) -> np.ndarray:
-    """``W + (B @ A) * alpha / r``, the same jnp operations as ``BitFlipLoRALinear
-    .effective_weight``, so the merged weight is the one the LoRA model computes with."""
-    import jax.numpy as jnp
-
-    update = (jnp.asarray(lora_b) @ jnp.asarray(lora_a)) * (alpha / rank)
-    return np.asarray(jnp.asarray(weight) + update.astype(weight.dtype))
-
-
 class CheckpointSource(TensorSource):
     """A jaxflip checkpoint's parameters. With ``merge_lora``, each adapted weight is read as
     ``W + (B @ A) * alpha / r`` and the factors disappear; without it, a checkpoint with
@@ -145,8 +124,9 @@ class CheckpointSource(TensorSource):
         if name not in self.adapted:
             return weight
         layer = name.removesuffix(".weight")
-        return merge_lora_factors(weight, self._read_stored(f"{layer}.lora_A"), self._read_stored(f"{layer}.lora_B"),
-                                  rank=self.lora["rank"], alpha=self.lora["alpha"])
+        return np.asarray(merged_weight(weight, self._read_stored(f"{layer}.lora_A"),
+                                        self._read_stored(f"{layer}.lora_B"), rank=self.lora["rank"],
+                                        alpha=self.lora["alpha"]))
 
 
 def parse_size(text: str) -> int:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears
+from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears, replace_module
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.eval.model_io import open_model, open_tokenizer
 from jaxflip.eval.perplexity import add_window_arguments, evaluation_windows
@@ -94,17 +94,6 @@ def _forward(model, inputs):
     model(inputs)
 
 
-def _set_submodule(root: nnx.Module, dotted_name: str, module: nnx.Module) -> None:
-    *parents, last = dotted_name.split(".")
-    parent = root
-    for part in parents:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    if last.isdigit():
-        parent[int(last)] = module
-    else:
-        setattr(parent, last, module)
-
-
 def eligible_layers(model, bitflip_config: str | None) -> list[str]:
     """The layers a bitflip config flips; without one, every Linear but the LM head (the
     layers NewComputeBench flips)."""
@@ -127,7 +116,7 @@ def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int
         stats["w"][name].add(*abs_histogram(linears[name].effective_weight()))
     wrappers = {name: ProfiledLinear(linears[name]) for name in layers}
     for name, wrapper in wrappers.items():
-        _set_submodule(model, name, wrapper)
+        replace_module(model, name, wrapper)
     try:
         for start in range(0, len(windows), batch_size):
             _forward(model, jnp.asarray(windows[start:start + batch_size, :-1]))
@@ -136,7 +125,7 @@ def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int
                 wrapper.histogram[...] = jnp.zeros_like(wrapper.histogram[...])
     finally:
         for name in layers:
-            _set_submodule(model, name, linears[name])
+            replace_module(model, name, linears[name])
     return stats
 
 

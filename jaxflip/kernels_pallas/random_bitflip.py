@@ -69,7 +69,8 @@ def _is_python_seed(seed) -> bool:
     return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
 
 
-def _check_seed(name: str, seed) -> None:
+def check_seed(name: str, seed) -> None:
+    """A Python int in the contract's range, or a JAX integer scalar; else a one-line error."""
     if isinstance(seed, bool):
         raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
     if _is_python_seed(seed):
@@ -81,7 +82,8 @@ def _check_seed(name: str, seed) -> None:
         raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
 
 
-def _advance(seed, halves: int | None):
+def advance_seed(seed, halves: int | None):
+    """The seed after one call: ``+ ceil(halves / 4)`` when the group flipped (same kind)."""
     if halves is None:
         return seed
     step = math.ceil(halves / 4)
@@ -141,8 +143,8 @@ def random_bitflip(
         raise TypeError(f"random_bitflip: unsupported dtype {dtype}; expected float32, float16 or bfloat16")
     _check_halves("exp_halves", exp_halves)
     _check_halves("frac_halves", frac_halves)
-    _check_seed("seed_exp", seed_exp)
-    _check_seed("seed_frac", seed_frac)
+    check_seed("seed_exp", seed_exp)
+    check_seed("seed_frac", seed_frac)
     if zero_out_threshold is not None:
         if isinstance(zero_out_threshold, bool) or not isinstance(zero_out_threshold, (int, float, np.floating)):
             raise TypeError(f"zero_out_threshold must be a float or None, got {zero_out_threshold!r}")
@@ -168,7 +170,7 @@ def random_bitflip(
                         sharding if backend != "jnp" else None)
     seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
     y = _flip(x, seeds, config)
-    return y, _advance(seed_exp, exp_halves), _advance(seed_frac, frac_halves)
+    return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
 def _flip_forward(x, seeds, config: FlipConfig):

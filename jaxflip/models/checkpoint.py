@@ -145,7 +145,7 @@ def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise
 
 
-LORA_FACTORS = ("lora_A", "lora_B")
+LORA_FACTORS = ("lora_A", "lora_B")  # name endings of a LoRA adapter's parameters
 
 
 class CheckpointWriter:

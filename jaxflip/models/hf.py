@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -23,15 +24,23 @@ from jaxflip.models.sharding import state_shardings
 _TIED_HEAD_KEY = "lm_head.weight"
 
 
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as numpy, bit for bit (numpy has no bfloat16 of its own: view the
+    bits). Shares memory with ``tensor`` where it can (memory-mapped files stay lazy)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    return tensor.numpy()
+
+
 def _to_numpy(tensor) -> np.ndarray:
-    """A torch tensor (any float dtype, exactly: bf16 and f16 widen to f32 losslessly) or an
-    array as numpy."""
-    if hasattr(tensor, "detach"):
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point():
-            tensor = tensor.float()
-        return tensor.numpy()
-    return np.asarray(tensor)
+    """A torch tensor (exactly, any float dtype) or an array as numpy."""
+    return torch_to_numpy(tensor) if hasattr(tensor, "detach") else np.asarray(tensor)
 
 
 def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping, *, mesh: Mesh | None = None) -> LlamaForCausalLM:

@@ -195,12 +195,12 @@ class LlamaModel(nnx.Module):
         start = 0 if cache is None else cache.length
         positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         x = self.embed_tokens(input_ids)
-        keys, values = [], []
         if cache is None and self.remat != "none":
             checkpointed = nnx.remat(lambda layer, x: layer(x, positions, None), policy=REMAT_POLICIES[self.remat])
             for layer in self.layers:
                 x, _ = checkpointed(layer, x)
             return self.norm(x), None
+        keys, values = [], []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, None if cache is None else (cache.keys[i], cache.values[i]))
             if cache is not None:

@@ -8,14 +8,13 @@ own straight-through VJP (masked by the zero-out), kept from the forward pass.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
 import torch
 
 from jaxflip.kernels_pallas import random_bitflip as jax_random_bitflip
-from jaxflip.kernels_pallas.random_bitflip import SEED_LIMIT
+from jaxflip.kernels_pallas.random_bitflip import advance_seed, check_seed
 
 
 def to_jax(tensor: torch.Tensor) -> jax.Array:
@@ -68,11 +67,10 @@ def random_bitflip(x: torch.Tensor, exp_halves: int | None, frac_halves: int | N
     ``(y, next_seed_exp, next_seed_frac)``, differentiable in ``x``. Seeds must lie in
     ``[0, 2**31 - 8)``, jaxflip's contract (mase-triton wraps larger ones into 31 bits)."""
     for name, seed in (("seed_exp", seed_exp), ("seed_frac", seed_frac)):
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        if isinstance(seed, bool) or not isinstance(seed, int):  # torch layers keep Python ints
             raise ValueError(f"{name} must be an int with 0 <= seed < 2**31 - 8, got {seed!r}")
+        check_seed(name, seed)
     if exp_halves is None and frac_halves is None and zero_out_threshold is None:
         return x, seed_exp, seed_frac
     y = RandomBitflipFunction.apply(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold)
-    next_exp = seed_exp if exp_halves is None else seed_exp + math.ceil(exp_halves / 4)
-    next_frac = seed_frac if frac_halves is None else seed_frac + math.ceil(frac_halves / 4)
-    return y, next_exp, next_frac
+    return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)

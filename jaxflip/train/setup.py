@@ -3,6 +3,7 @@ weights; LoRA; bitflip rules; remat) and the tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -93,8 +94,6 @@ def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):
 
 
 def _bitflip_section(config: TrainConfig) -> dict:
-    import dataclasses
-
     section = dataclasses.asdict(config.bitflip)
     section.pop("enable")
     return {key: value for key, value in section.items() if value is not None}

@@ -71,8 +71,7 @@ def state_sharding(mesh: Mesh, tx: optax.GradientTransformation, abstract: Train
     replicated = NamedSharding(mesh, PartitionSpec())
     trainable = state_shardings(abstract.trainable, mesh)
     # optax state: moments shaped like the trainable parameters follow their sharding
-    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract.opt_state,
-                                      jax.tree.map(lambda v: v, trainable),
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract.opt_state, trainable,
                                       transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, trainable=trainable, frozen=state_shardings(abstract.frozen, mesh),
                       seeds=jax.tree.map(lambda _: replicated, abstract.seeds), opt_state=opt_state)
@@ -87,14 +86,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, lora: bool):
     """``(graphdef, state, shardings)`` with the optimizer state created sharded."""
     graphdef, trainable, frozen, seeds = split_model(model, lora)
-
-    def create(trainable):
-        return tx.init(trainable)
-
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
-                          jax.eval_shape(create, trainable))
+                          jax.eval_shape(tx.init, trainable))
     shardings = state_sharding(mesh, tx, abstract)
-    opt_state = jax.jit(create, out_shardings=shardings.opt_state)(trainable)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     step = jax.device_put(jnp.int32(0), shardings.step)
     seeds = jax.device_put(seeds, shardings.seeds)
     return graphdef, TrainState(step, trainable, frozen, seeds, opt_state), shardings
