@@ -10,6 +10,15 @@ mase-triton flips in ``nn.Linear.weight``, and HF weights copy in unchanged.
 
 Flip settings are static Python attributes (they select the compiled code); the seeds are
 ``BitflipSeed`` state that every call advances.
+
+On a multi-device mesh (``jax.set_mesh``, see ``jaxflip.models.sharding``) each device flips
+only its own shard, by global element index, so N devices flip exactly the bits one device
+would at 1/N of the work: the input on its batch shard, the weight on its FSDP shard before
+XLA gathers it for the matmul (flipping then gathering equals gathering then flipping, the
+flips being keyed on global indices). The tensor is first constrained to that layout, then
+``random_bitflip`` runs the kernel under ``shard_map`` with that sharding. A Pallas kernel
+is opaque to XLA's partitioner; left to it, every device would gather the whole tensor and
+flip all of it.
 """
 
 from __future__ import annotations
@@ -55,16 +64,32 @@ class TensorFlip:
         return f"p_exp={prob(self.exp_halves)} p_frac={prob(self.frac_halves)} zero_out_t={zero_out}"
 
 
-def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_frac: BitflipSeed) -> jax.Array:
-    """Flip ``value`` with the current seeds and store the advanced seeds back."""
+def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_frac: BitflipSeed,
+                logical_axes: tuple[str | None, ...] | None = None) -> jax.Array:
+    """Flip ``value`` with the current seeds and store the advanced seeds back. With
+    ``logical_axes`` and a multi-device mesh in context, each device flips its own shard of
+    that layout."""
     if not flip.enabled:
         return value
+    sharding = None
+    if logical_axes is not None:
+        # imported here: jaxflip.models imports this module
+        from jaxflip.models.sharding import context_sharding
+
+        sharding = context_sharding(logical_axes, value.shape)
+        if sharding is not None:
+            value = jax.lax.with_sharding_constraint(value, sharding)
     flipped, next_exp, next_frac = random_bitflip(
-        value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t
+        value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t, sharding=sharding
     )
     seed_exp[...] = next_exp
     seed_frac[...] = next_frac
     return flipped
+
+
+def activation_axes(ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a Linear's input ``(batch, ..., features)``: split by batch rows only."""
+    return ("batch",) + (None,) * (ndim - 1) if ndim >= 2 else (None,)
 
 
 class BitFlipLinear(nnx.Module):
@@ -123,8 +148,8 @@ class BitFlipLinear(nnx.Module):
         return self.weight[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac)
-        w = flip_tensor(self.effective_weight(), self.w_flip, self.w_seed_exp, self.w_seed_frac)
+        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac, activation_axes(x.ndim))
+        w = flip_tensor(self.effective_weight(), self.w_flip, self.w_seed_exp, self.w_seed_frac, self.axes)
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -133,10 +133,10 @@ def random_bitflip(
     integer scalars (traced under ``jit``); the returned seeds are of the same kind and
     advance by ``ceil(halves / 4)`` for each group that flipped.
 
-    ``sharding``: the ``NamedSharding`` of ``x`` when it is traced inside ``jit`` on GPU, so
-    that each device's Pallas kernel flips its own shard with its global indices. A concrete
-    sharded ``jax.Array`` brings its own sharding. The ``jnp`` backend needs neither: XLA
-    partitions it.
+    ``sharding``: the ``NamedSharding`` of ``x`` (its mesh concrete, or the abstract mesh of
+    ``jax.set_mesh`` inside ``jit``) so that each device's Pallas kernel flips its own shard
+    with its global indices, under ``shard_map``. A concrete sharded ``jax.Array`` brings its
+    own sharding. The ``jnp`` backend needs neither: XLA partitions its elementwise code.
     """
     dtype = getattr(x, "dtype", None)
     if dtype is None or jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
@@ -164,7 +164,7 @@ def random_bitflip(
         return y, seed_exp, seed_frac
 
     if sharding is None and backend != "jnp" and isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        if isinstance(x.sharding, NamedSharding) and len(x.sharding.device_set) > 1:
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh.size > 1:
             sharding = x.sharding
     config = FlipConfig(exp_halves, frac_halves, zero_out_threshold, backend,
                         sharding if backend != "jnp" else None)
@@ -180,7 +180,7 @@ def _flip_forward(x, seeds, config: FlipConfig):
         return x, keep
     if config.backend == "jnp":
         return _flip_jnp(x, seeds, config)
-    if config.sharding is not None and len(config.sharding.device_set) > 1:
+    if config.sharding is not None and config.sharding.mesh.size > 1:
         return _flip_pallas_sharded(x, seeds, config)
     return _flip_pallas_local(x, seeds, jnp.uint32(0), ((x.size, 1),), config)
 

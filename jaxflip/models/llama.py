@@ -5,7 +5,10 @@ holds ``weight``), and every Linear is a ``BitFlipLinear`` in torch layout ``(ou
 weights copy in unchanged, and bitflip rules are written against HF's layer names. Flips are
 off until ``jaxflip.bitflip.apply_bitflip_rules`` turns them on.
 
-Every parameter carries logical axis names (``jaxflip.models.sharding`` maps them to mesh axes).
+Every parameter carries logical axis names (``jaxflip.models.sharding`` maps them to mesh axes),
+and activations are constrained by name (``constrain``), so on a mesh every device keeps its
+batch rows whatever XLA would have guessed (q, k and v must share one layout for cuDNN's
+fused attention to partition).
 
 Shapes: B batch, T query positions, S key positions, D hidden, F MLP hidden, V vocab,
 N query heads, K key/value heads, H head dim.
@@ -23,8 +26,10 @@ from flax import nnx
 
 from jaxflip.bitflip import BitFlipLinear
 from jaxflip.models.config import LlamaConfig
+from jaxflip.models.sharding import constrain
 
 embedding_init = nnx.initializers.normal(stddev=0.02)  # HF Llama's initializer_range
+HIDDEN_AXES = ("batch", "length", "activation_embed")  # (B, T, D) between and inside layers
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -82,7 +87,7 @@ class Embedding(nnx.Module):
         )
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)
+        return constrain(jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype), HIDDEN_AXES)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """Logits through the transposed embedding (tied LM head)."""
@@ -125,21 +130,25 @@ class LlamaAttention(nnx.Module):
         cfg = self.config
         B, T, _ = x.shape
         inv_freq = rope_inverse_frequencies(cfg)
+        q_axes = ("batch", "length", "activation_heads", "activation_head_dim")
+        kv_axes = ("batch", "length", "activation_kv_heads", "activation_head_dim")
         q = apply_rope(self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
         v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        q, k, v = constrain(q, q_axes), constrain(k, kv_axes), constrain(v, kv_axes)
         if cache is None:
             # GQA: dot_product_attention shares each of the K key/value heads among N / K query heads
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
         else:
             start = (0, positions[0], 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+            keys = constrain(jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start), kv_axes)
+            values = constrain(jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start), kv_axes)
             # each query sees the cached positions up to its own; unfilled slots lie beyond it
             mask = jnp.arange(keys.shape[1])[None, :] <= positions[:, None]  # (T, S)
             out = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None], implementation="xla")
             cache = (keys, values)
-        return self.o_proj(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim)), cache
+        out = constrain(out.reshape(B, T, cfg.num_attention_heads * cfg.head_dim), ("batch", "length", "activation_heads"))
+        return constrain(self.o_proj(out), HIDDEN_AXES), cache
 
     def _implementation(self) -> str:
         if self.config.attention_implementation is not None:
@@ -158,7 +167,8 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(config, F, D, ("embed", "mlp"), bias, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "activation_mlp"))
+        return constrain(self.down_proj(hidden), HIDDEN_AXES)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -170,8 +180,8 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache):
         attended, cache = self.self_attn(self.input_layernorm(x), positions, cache)
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = constrain(x + attended, HIDDEN_AXES)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN_AXES), cache
 
 
 class LlamaModel(nnx.Module):
@@ -228,4 +238,5 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None):
         hidden, new_cache = self.model(input_ids, cache)
         logits = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        logits = constrain(logits, ("batch", "length", "activation_vocab"))
         return logits if cache is None else (logits, new_cache)

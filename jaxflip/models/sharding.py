@@ -9,6 +9,15 @@ this table decides the layout. The mesh has two axes:
 
 The batch of activations splits over both. A dimension whose size does not divide evenly
 over its mesh axes stays replicated (tiny debug models on many devices).
+
+Activations are constrained by name too (``constrain(x, ("batch", "length",
+"activation_embed"))``), as MaxText does: without constraints XLA guesses their layout and
+gathers or all-reduces activations and logits; with them every device keeps its batch rows,
+and the only collectives of an FSDP step are weight gathers and gradient reductions.
+Activation dimensions have their own logical names so that a batch too small to split never
+hands its mesh axis to the model dimension. The constraints, and the per-shard bit flips
+(``jaxflip.bitflip.flip_tensor``), take the mesh from ``jax.set_mesh`` (see ``OnMesh``);
+without a multi-device mesh they do nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": None,
     "norm": None,
     "lora_rank": None,
+    # activation-only dimensions: whole on every device
+    "activation_embed": None,
+    "activation_heads": None,
+    "activation_kv_heads": None,
+    "activation_head_dim": None,
+    "activation_mlp": None,
+    "activation_vocab": None,
 }
 
 
@@ -67,6 +83,39 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh, shape: Seque
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
     """E.g. ``logical_sharding(mesh, ("batch", "length"))`` for a batch of token ids."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
+
+
+def context_sharding(logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding | None:
+    """The sharding of an array with these logical axes on the mesh of the enclosing
+    ``jax.set_mesh`` (inside ``jit`` too); None without one, or on a single device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to its logical axes' layout on the current mesh (see ``context_sharding``)."""
+    sharding = context_sharding(logical_axes, x.shape)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+class OnMesh:
+    """A ``jax.jit`` / ``nnx.jit`` function traced, lowered and called under
+    ``jax.set_mesh(mesh)``, so the model's activation constraints and per-shard flips see the
+    mesh. The context mesh is part of jax's trace cache key: a function traced without it is
+    never reused with it."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

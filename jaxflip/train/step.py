@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxflip.bitflip import BitflipSeed, LoRAParam
-from jaxflip.models.sharding import logical_to_spec, state_shardings
+from jaxflip.models.sharding import OnMesh, logical_to_spec, state_shardings
 from jaxflip.train.config import TrainingConfig
 
 
@@ -103,7 +103,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfig, shardings: TrainState,
                     batch_shard: NamedSharding):
     """``step(state, batch) -> (state, metrics)``, jitted, the state donated. ``batch``:
-    int32 ``(gradient_accumulation_steps, global_batch, seq_len + 1)``."""
+    int32 ``(gradient_accumulation_steps, global_batch, seq_len + 1)``. Traced and run on the
+    batch's mesh (``OnMesh``): activations constrained, each device flipping its own shards."""
     compute = jnp.dtype(t.mixed_precision_param)
     reduce = jnp.dtype(t.mixed_precision_reduce)
 
@@ -132,7 +133,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
         metrics = {"loss": loss_sum / accumulation, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, trainable, state.frozen, seeds, opt_state), metrics
 
-    return jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    return OnMesh(jitted, batch_shard.mesh)
 
 
 def trainable_param_count(state: TrainState) -> int:
