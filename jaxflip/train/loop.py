@@ -153,7 +153,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
                               "mfu": tokens_per_s * flops / (peak * devices) if peak else None,
-                              "memory_gib": device_memory_gib()}
+                              "memory_gib": device_memory_gib(), "unix_time": time.time()}
                     last_log_step, last_log_time = step, now
                     logger.log(record)
                     if progress is not None:

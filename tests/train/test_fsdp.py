@@ -43,7 +43,10 @@ def mesh_of(dp: int, fsdp: int):
 
 @pytest.mark.parametrize("bitflip", [False, True], ids=["clean", "bitflip"])
 def test_fsdp_step_moves_about_three_times_the_parameters(tiny_job, bitflip):
-    config = tiny_job(bitflip={"enable": bitflip}, training={"gradient_accumulation_steps": 1})
+    """The quickstart's step shape (8 x 64 tokens per device, 4096-token vocabulary), one
+    flipped Linear (each flipped tensor costs seconds of interpret-mode compile)."""
+    config = tiny_job(bitflip={"enable": bitflip},
+                      training={"gradient_accumulation_steps": 1, "local_batch_size": 8, "seq_len": 64})
     mesh = mesh_of(1, 4)
     step, state = compiled_step(config, mesh)
     rows = 4 * config.training.local_batch_size
