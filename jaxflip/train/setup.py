@@ -45,6 +45,15 @@ def build_mesh(config: TrainConfig) -> Mesh:
     return make_mesh(dp=dp, fsdp=fsdp)
 
 
+def check_mesh_fits(model_config, mesh: Mesh) -> None:
+    """FSDP splits every weight along the model dimension: one that does not divide over the
+    ``fsdp`` axis would silently stay whole on every device."""
+    fsdp = mesh.shape["fsdp"]
+    if model_config.hidden_size % fsdp:
+        raise ConfigError(f"parallelism.fsdp_degree: {fsdp} does not divide the model's hidden_size "
+                          f"{model_config.hidden_size}; use a divisor (or data_parallel_replicate_degree)")
+
+
 def tokenizer_source(config: TrainConfig, model_tokenizer_dir) -> str:
     """``data.tokenizer`` if set, else the tokenizer that came with the weights, else the built-in one."""
     if config.data.tokenizer:
@@ -70,11 +79,13 @@ def build_model(config: TrainConfig, mesh: Mesh):
 
         model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
                                                dtype=t.mixed_precision_param)
+        check_mesh_fits(model.config, mesh)
     else:
         changes = {"param_dtype": stored, "dtype": t.mixed_precision_param}
         if m.vocab_size:
             changes["vocab_size"] = m.vocab_size
         model_config = get_flavor(config.flavor, **changes)
+        check_mesh_fits(model_config, mesh)
         model = create_sharded(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.job.seed)), mesh)
     if lora:
         add_lora(model, rank=config.lora.r, alpha=config.lora.lora_alpha, rngs=nnx.Rngs(config.job.seed + 1))

@@ -2,6 +2,10 @@
 step moves only what FSDP must (weights gathered, gradients reduced; no gathered activations,
 no gathered flips), and N devices give the one-device losses."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -77,3 +81,15 @@ def test_sharded_steps_give_the_one_device_losses(tiny_job, dp, fsdp):
     np.testing.assert_allclose(sharded_losses, one_losses, rtol=2e-5)
     assert sharded_seeds == one_seeds
     assert len(set(one_losses)) == 3
+
+
+def test_a_mesh_that_does_not_divide_the_weights_is_a_one_line_error(tmp_path):
+    """3 devices cannot split aixsim-debug's hidden size of 128."""
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxflip.train", "--config", "configs/quickstart.toml", "--job.output_dir",
+         str(tmp_path / "run"), "--training.steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "parallelism.fsdp_degree: 3 does not divide" in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
