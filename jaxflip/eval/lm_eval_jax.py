@@ -20,6 +20,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from jaxflip.models import LlamaForCausalLM, generate
+from jaxflip.models.sharding import on_model_mesh
 
 # ``Collator.get_cache`` hands each request of a shared-context group the batch row's logits;
 # here the scores are looked up per row, so a placeholder stands in for the logits
@@ -82,8 +83,9 @@ class JaxLM(TemplateLM):
             for row, tokens in zip(padded, inputs):
                 row[:len(tokens)] = tokens
             lengths = np.asarray([len(tokens) for tokens in inputs])
-            next_log_probs, greedy, last_rows = (np.asarray(a) for a in _score(
-                self.model, jnp.asarray(padded), jnp.asarray(lengths - 1, jnp.int32)))
+            with on_model_mesh(self.model):
+                scores = _score(self.model, jnp.asarray(padded), jnp.asarray(lengths - 1, jnp.int32))
+            next_log_probs, greedy, last_rows = (np.asarray(a) for a in scores)
             for row, (strings, context, continuation) in enumerate(chunk):
                 for _, tokens, _ in ordered.get_cache(req_str=strings, cxt_toks=context, cont_toks=continuation,
                                                       logits=_ROW_PLACEHOLDER):

@@ -11,10 +11,17 @@ from jaxflip.models import LlamaForCausalLM
 
 
 def open_model(checkpoint: str, *, dtype: str | None = None) -> tuple[LlamaForCausalLM, str | None]:
-    """``(model, tokenizer_dir or None)`` of a jaxflip checkpoint or an HF model directory."""
-    from jaxflip.convert import open_checkpoint
+    """``(model, tokenizer_dir or None)`` of a jaxflip checkpoint or an HF model directory;
+    on several devices its weights are FSDP-sharded over all of them (forwards then run
+    under ``on_model_mesh``: batch rows split over the devices when they divide, each
+    device flipping its own shards)."""
+    import jax
 
-    return open_checkpoint(checkpoint, param_dtype=dtype)
+    from jaxflip.convert import open_checkpoint
+    from jaxflip.models.sharding import make_mesh
+
+    mesh = make_mesh() if jax.device_count() > 1 else None
+    return open_checkpoint(checkpoint, mesh=mesh, param_dtype=dtype)
 
 
 def open_tokenizer(tokenizer: str | None, checkpoint_tokenizer_dir: str | None, checkpoint: str):

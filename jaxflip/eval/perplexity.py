@@ -20,6 +20,7 @@ from flax import nnx
 from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
 from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
 from jaxflip.eval.report import format_table
+from jaxflip.models.sharding import on_model_mesh
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> P
     per forward (flips are keyed on the batch's layout, so the batch size is part of a
     bitflip result)."""
     total = 0.0
-    for start in range(0, len(windows), batch_size):
-        total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
+    with on_model_mesh(model):
+        for start in range(0, len(windows), batch_size):
+            total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens
     return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))

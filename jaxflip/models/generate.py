@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.models.llama import KVCache, LlamaForCausalLM
+from jaxflip.models.sharding import on_model_mesh
 
 
 @nnx.jit
@@ -64,7 +65,8 @@ def generate(model: LlamaForCausalLM, input_ids: jax.Array, max_new_tokens: int,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     batch_size, prompt_length = input_ids.shape
     cache = KVCache.init(model.config, batch_size, prompt_length + max_new_tokens)
-    logits, cache = _forward_cached(model, input_ids, cache)
+    with on_model_mesh(model):
+        logits, cache = _forward_cached(model, input_ids, cache)
     key = jax.random.key(seed)
     finished = np.zeros(batch_size, bool)
     tokens = [input_ids]
@@ -79,5 +81,6 @@ def generate(model: LlamaForCausalLM, input_ids: jax.Array, max_new_tokens: int,
         stop = on_tokens is not None and on_tokens(next_token)
         if stop or finished.all() or step + 1 == max_new_tokens:
             break
-        logits, cache = _forward_cached(model, tokens[-1], cache)
+        with on_model_mesh(model):
+            logits, cache = _forward_cached(model, tokens[-1], cache)
     return jnp.concatenate(tokens, axis=1)

@@ -23,7 +23,8 @@ without a multi-device mesh they do nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import jax
 from flax import nnx
@@ -116,6 +117,26 @@ class OnMesh:
     def lower(self, *args, **kwargs):
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(*args, **kwargs)
+
+
+def model_mesh(model: nnx.Module) -> Mesh | None:
+    """The mesh a model's weights are spread over (``create_sharded``, or a checkpoint opened
+    with a mesh); None when they live on one device."""
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        sharding = getattr(variable.get_value(), "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+        return None
+    return None
+
+
+@contextmanager
+def on_model_mesh(model: nnx.Module) -> Iterator[None]:
+    """Run the enclosed forwards of ``model`` (eval, generation) on its mesh, if it has one:
+    activations constrained, each device flipping its own shards."""
+    mesh = model_mesh(model)
+    with jax.set_mesh(mesh) if mesh is not None else nullcontext():
+        yield
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

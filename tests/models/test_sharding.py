@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec
 from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules
 from jaxflip.models import LlamaForCausalLM, get_flavor, llama_from_hf_state_dict
 from jaxflip.models.sharding import (LOGICAL_AXIS_RULES, create_sharded, logical_sharding, make_mesh,
-                                     state_shardings)
+                                     model_mesh, on_model_mesh, state_shardings)
+from jaxflip.train.collectives import collective_bytes
 
 DEBUG = get_flavor("aixsim-debug", vocab_size=512)
 
@@ -97,3 +98,29 @@ def test_lora_model_is_created_sharded(mesh):
     lora_b = model.model.layers[0].mlp.down_proj.lora_B[...]
     assert isinstance(model.model.layers[0].mlp.down_proj.lora_B, LoRAParam)
     assert lora_b.sharding.spec == PartitionSpec("fsdp", None) and not np.any(lora_b)
+
+
+def test_on_its_mesh_each_device_flips_its_own_shard(mesh, monkeypatch):
+    """The Pallas kernel (interpret mode, as on GPU) under ``on_model_mesh``: the forward
+    flips what the one-device forward flips, and moves no more than the weights' gathers (a
+    flip that XLA could not partition would gather its input and every activation)."""
+    monkeypatch.setenv("JAXFLIP_BITFLIP_BACKEND", "interpret")
+    sharded = create_sharded(lambda: LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4)), mesh)
+    unsharded = LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4))
+    rules = {r"model\.layers\.1\.mlp\.down_proj": dict(x_p_exp=0.5**8, x_p_frac=0.5**10, x_zero_out_t=30.0,
+                                                        w_p_exp=0.5**8, w_p_frac=0.5**10, w_zero_out_t=0.05)}
+    for model in (sharded, unsharded):
+        apply_bitflip_rules(model, rules, seed_mode="independent", base_seed=7)
+    assert model_mesh(sharded) is mesh and model_mesh(unsharded) is None
+    tokens = jnp.asarray(np.random.default_rng().integers(0, DEBUG.vocab_size, (16, 128)))
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    with on_model_mesh(sharded):
+        logits = np.asarray(forward(sharded, tokens))
+        hlo = forward.lower(sharded, tokens).compile().as_text()
+    reference = np.asarray(forward(unsharded, tokens))
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(logits, reference, rtol=1e-3, atol=1e-3 * scale)
+    assert sharded.model.layers[1].mlp.down_proj.seeds() == unsharded.model.layers[1].mlp.down_proj.seeds()
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(unsharded, nnx.Param)))
+    moved = collective_bytes(hlo)
+    assert sum(moved.values()) <= 1.2 * param_bytes, dict(moved)
