@@ -85,7 +85,8 @@ def run(args) -> dict:
     from lm_eval.utils import make_table
 
     manager = task_manager(args.task_list, args.include_path)
-    model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
+    # the torch backend hands the weights to torch through DLPack, which takes whole arrays only
+    model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype, shard=args.backend == "jax")
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     # rules are resolved (and checked) on the Flax model; the torch one has the same layer names
     bitflip = apply_bitflip_config(model, args.bitflip_config) if args.bitflip_config else None

@@ -10,9 +10,9 @@ from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.models import LlamaForCausalLM
 
 
-def open_model(checkpoint: str, *, dtype: str | None = None) -> tuple[LlamaForCausalLM, str | None]:
+def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True) -> tuple[LlamaForCausalLM, str | None]:
     """``(model, tokenizer_dir or None)`` of a jaxflip checkpoint or an HF model directory;
-    on several devices its weights are FSDP-sharded over all of them (forwards then run
+    on several devices (and ``shard``) its weights are FSDP-sharded over all of them (forwards then run
     under ``on_model_mesh``: batch rows split over the devices when they divide, each
     device flipping its own shards)."""
     import jax
@@ -20,7 +20,7 @@ def open_model(checkpoint: str, *, dtype: str | None = None) -> tuple[LlamaForCa
     from jaxflip.convert import open_checkpoint
     from jaxflip.models.sharding import make_mesh
 
-    mesh = make_mesh() if jax.device_count() > 1 else None
+    mesh = make_mesh() if shard and jax.device_count() > 1 else None
     return open_checkpoint(checkpoint, mesh=mesh, param_dtype=dtype)
 
 
