@@ -13,7 +13,7 @@ def two_steps(config, mesh, batches):
     model, _ = setup.build_model(config, mesh)
     setup.apply_bitflip(config, model)
     tx = make_optimizer(config.training)
-    graphdef, state, shardings = init_state(model, tx, mesh, lora=config.lora.r > 0)
+    graphdef, state, shardings, _ = init_state(model, tx, mesh, lora=config.lora.r > 0)
     step = make_train_step(graphdef, tx, config.training, shardings, batch_sharding(mesh))
     losses = []
     for batch in batches:
