@@ -141,7 +141,7 @@ def stack_layers(model: nnx.Module) -> bool:
         value = _stack(_stacked_sharding(values[0].sharding))(*values)
         stacked.append((path, _with_axes(variables[0], value, _stacked_axes(variables[0]))))
         del variables, values
-    layer = nnx.merge(graphdef, nnx.State.from_flat_path(stacked))
+    layer = nnx.merge(graphdef, nnx.from_flat_state(stacked))
     model.model.layers = StackedLayers(layer, len(per_layer))
     return True
 
@@ -169,4 +169,4 @@ def unstack_layers(model: nnx.Module, *, delete_stacked: bool = False) -> None:
         if delete_stacked:
             value.delete()
         del variable, value
-    model.model.layers = nnx.List([nnx.merge(graphdef, nnx.State.from_flat_path(leaves)) for leaves in per_layer])
+    model.model.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state(leaves)) for leaves in per_layer])
