@@ -205,6 +205,9 @@ class LlamaModel(nnx.Module):
         start = 0 if cache is None else cache.length
         positions = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         x = self.embed_tokens(input_ids)
+        if not isinstance(self.layers, nnx.List):
+            # the train state's stacked layers (jaxflip.models.scan.StackedLayers) scan themselves
+            return self.norm(self.layers(x, positions, self.remat)), None
         if cache is None and self.remat != "none":
             checkpointed = nnx.remat(lambda layer, x: layer(x, positions, None), policy=REMAT_POLICIES[self.remat])
             for layer in self.layers:

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxflip.data.pipeline import BatchStream, StreamSpec
 from jaxflip.models.flavors import param_count
+from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
 from jaxflip.train.checkpointing import Checkpointer, remove_run_state
 from jaxflip.train.config import TrainConfig, to_dict
@@ -92,8 +93,11 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     model_config = model.config
 
     tx = make_optimizer(t)
-    graphdef, state, shardings = init_state(model, tx, mesh, lora)
+    graphdef, state, shardings, scanned = init_state(model, tx, mesh, lora)
     del model
+    if main_process:
+        print("decoder layers: " + ("scanned" if scanned else
+                                    "unrolled (a Python loop: the layers differ in their flip settings)"), flush=True)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
     checkpointer = (Checkpointer(output_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -190,11 +194,14 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
 
 
 def export_model(graphdef, state, output_dir: Path, model_tokenizer_dir, config: TrainConfig) -> Path:
-    """The trained model as a ``jaxflip.models`` checkpoint at ``output_dir/model``."""
+    """The trained model as a ``jaxflip.models`` checkpoint at ``output_dir/model``, in the
+    public layout (scanned layers unstacked). Export is the run's last use of the train state:
+    each stacked array is freed once unstacked, so memory stays near one copy of the weights."""
     from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
     from jaxflip.models import save
 
     model = merge_model(graphdef, state.trainable, state.frozen, state.seeds)
+    unstack_layers(model, delete_stacked=True)
     source = setup.tokenizer_source(config, model_tokenizer_dir)
     tokenizer_dir = builtin_tokenizer_dir() if source == BUILTIN_TOKENIZER else source
     return save(model, output_dir / "model", tokenizer_dir=tokenizer_dir if Path(tokenizer_dir).is_dir() else None,

@@ -15,7 +15,8 @@ from jaxflip.bitflip import LoRAParam, add_lora, apply_bitflip_rules, named_line
 from jaxflip.bitflip.rules_file import bitflip_section_to_rules
 from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
-from jaxflip.models.sharding import create_sharded, make_mesh
+from jaxflip.models.create import create_random_llama
+from jaxflip.models.sharding import make_mesh
 from jaxflip.train.config import ConfigError, TrainConfig
 
 
@@ -86,7 +87,7 @@ def build_model(config: TrainConfig, mesh: Mesh):
             changes["vocab_size"] = m.vocab_size
         model_config = get_flavor(config.flavor, **changes)
         check_mesh_fits(model_config, mesh)
-        model = create_sharded(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.job.seed)), mesh)
+        model = create_random_llama(model_config, mesh, config.job.seed)
     if lora:
         add_lora(model, rank=config.lora.r, alpha=config.lora.lora_alpha, rngs=nnx.Rngs(config.job.seed + 1))
         for _, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):

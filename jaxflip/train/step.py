@@ -2,7 +2,9 @@
 
 The model is split once into its graph (static) and four states: ``trainable`` (every
 ``nnx.Param``, or only the ``LoRAParam`` factors), ``frozen`` (the rest of the weights),
-``seeds`` (the ``BitflipSeed`` of every flipped tensor) and the optax state. The step merges
+``seeds`` (the ``BitflipSeed`` of every flipped tensor) and the optax state. When every decoder
+layer has the same graph, the state holds the layers stacked along a leading layer axis and the
+forward scans them (``jaxflip.models.scan``): compile time then does not grow with depth. The step merges
 them into a model, runs ``gradient_accumulation_steps`` micro-batches under ``lax.scan`` (the
 seeds advancing through each), clips, updates, and returns the new state. Shardings are
 declared once: parameters by their logical axes (``jaxflip.models.sharding``), optimizer
@@ -21,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxflip.bitflip import BitflipSeed, LoRAParam
+from jaxflip.models.scan import stack_layers
 from jaxflip.models.sharding import OnMesh, logical_to_spec, state_shardings
 from jaxflip.train.config import TrainingConfig
 
@@ -83,8 +86,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, lora: bool):
-    """``(graphdef, state, shardings)`` with the optimizer state created sharded."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, lora: bool, *,
+               scan_layers: bool = True):
+    """``(graphdef, state, shardings, scanned)`` with the optimizer state created sharded.
+
+    The train state takes over the model's weights: with ``scan_layers``, if every decoder
+    layer has the same graph (the same flip settings), ``model.model.layers`` is replaced by
+    its stacked form in place (``scanned`` is True; see ``jaxflip.models.scan``), else the
+    layers stay a list and the step loops over them (``scanned`` is False)."""
+    scanned = scan_layers and stack_layers(model)
     graphdef, trainable, frozen, seeds = split_model(model, lora)
     abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
                           jax.eval_shape(tx.init, trainable))
@@ -92,7 +102,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, 
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     step = jax.device_put(jnp.int32(0), shardings.step)
     seeds = jax.device_put(seeds, shardings.seeds)
-    return graphdef, TrainState(step, trainable, frozen, seeds, opt_state), shardings
+    return graphdef, TrainState(step, trainable, frozen, seeds, opt_state), shardings, scanned
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
