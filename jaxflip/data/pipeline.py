@@ -1,11 +1,18 @@
 """Training batches: documents -> tokens -> packed windows -> batches, resumable, prefetched.
 
-Each process reads its own shard of the documents (``split_dataset_by_node``), packs them into
-``seq_len + 1`` token windows and stacks ``batch_size`` of them. The order is fixed by the
-seed (built-in and local sources are permuted by it; every epoch re-permutes with
-``seed + epoch``). ``state()`` is a JSON-able position (the dataset's own ``state_dict``, the
-tokens carried over to the next window, the epoch): a stream restored from the state of
-batch N yields batch N + 1 exactly. A background thread keeps ``prefetch`` batches ready.
+The documents are packed into ``seq_len + 1`` token windows, and ``batch_size`` windows make a
+batch: the global batch. Every process of a multi-host run reads this same stream and places
+only its own devices' rows (``jax.make_array_from_callback`` in the training loop), so the
+rows, their order and the stream's position do not depend on the number of processes: N
+processes train on exactly what one process would, and a checkpoint resumes on any process
+count. (Splitting the documents between processes would pack different windows, since windows
+cross document boundaries; the price is that every process tokenizes every document.)
+
+The order is fixed by the seed (built-in and local sources are permuted by it; every epoch
+re-permutes with ``seed + epoch``). ``state()`` is a JSON-able position (the dataset's own
+``state_dict``, the tokens carried over to the next window, the epoch): a stream restored from
+the state of batch N yields batch N + 1 exactly. A background thread keeps ``prefetch`` batches
+ready.
 """
 
 from __future__ import annotations
@@ -25,13 +32,11 @@ class StreamSpec:
     source: str
     tokenizer: object
     seq_len: int
-    batch_size: int  # sequences per batch of this process
+    batch_size: int  # sequences per batch, of all processes together
     seed: int = 0
     split: str = "train"
     subset: str | None = None
     text_field: str = "text"
-    process_index: int = 0
-    process_count: int = 1
 
 
 class BatchStream:
@@ -46,14 +51,9 @@ class BatchStream:
         self._thread.start()
 
     def _documents(self, epoch: int):
-        from datasets.distributed import split_dataset_by_node
-
         spec = self.spec
-        dataset = load_documents(spec.source, split=spec.split, subset=spec.subset, text_field=spec.text_field,
-                                 shuffle_seed=spec.seed + epoch)
-        if spec.process_count > 1:
-            dataset = split_dataset_by_node(dataset, rank=spec.process_index, world_size=spec.process_count)
-        return dataset
+        return load_documents(spec.source, split=spec.split, subset=spec.subset, text_field=spec.text_field,
+                              shuffle_seed=spec.seed + epoch)
 
     def _produce(self) -> None:
         try:

@@ -2,9 +2,11 @@
 
 A checkpoint holds the whole ``TrainState`` (step, trained weights, frozen weights, bitflip
 seeds, optimizer state) as one flat dict keyed by pytree path, restored straight into its
-shardings; and, per process, the data stream's position
-(``<output_dir>/data_state/<step>/process_<i>.json``, written before the Orbax save begins so
-that a finished checkpoint always has its data position).
+shardings; and the data stream's position (``<output_dir>/data_state/<step>/stream.json``,
+written before the Orbax save begins so that a finished checkpoint always has its data
+position). Every process reads the same stream (``jaxflip.data.pipeline``), so process 0 writes
+the one position and any number of processes resume from it: a checkpoint of a two-process run
+resumes in one process with the same devices, and back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxflip.train.step import TrainState
+
+DATA_STATE_FILE = "stream.json"
 
 
 def flatten(tree) -> dict:
@@ -47,9 +51,11 @@ class Checkpointer:
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         flat = self.manager.restore(step, args=ocp.args.StandardRestore(flatten(target)))
-        path = self.data_directory / str(step) / f"process_{jax.process_index()}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint step {step} has no data position at {path}")
+        folder = self.data_directory / str(step)
+        # process_0.json: the name single-process runs wrote before the position became one file
+        path = next((p for p in (folder / DATA_STATE_FILE, folder / "process_0.json") if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint step {step} has no data position at {folder / DATA_STATE_FILE}")
         return unflatten(flat, abstract), json.loads(path.read_text())
 
     def wait(self) -> None:
@@ -60,9 +66,11 @@ class Checkpointer:
         self.manager.close()
 
     def _write_data_state(self, step: int, data_state: dict) -> None:
+        if jax.process_index() != 0:
+            return
         folder = self.data_directory / str(step)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"process_{jax.process_index()}.json"
+        path = folder / DATA_STATE_FILE
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data_state))
         os.replace(partial, path)

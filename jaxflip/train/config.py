@@ -70,9 +70,9 @@ class TrainingConfig:
 class ParallelismConfig:
     fsdp_degree: int = -1  # -1: all devices not used by data_parallel_replicate_degree
     data_parallel_replicate_degree: int = 1
-    coordinator_address: str = ""  # multi-host: jax.distributed.initialize; "" = single host or auto
-    num_processes: int = 0
-    process_id: int = -1
+    coordinator_address: str = ""  # multi-host: host:port of process 0; "" = single host or from the environment
+    num_processes: int = 0  # 0: from the environment (SLURM); > 0 needs coordinator_address
+    process_id: int = -1  # -1: from the environment; else in [0, num_processes)
 
 
 @dataclass
@@ -255,6 +255,11 @@ def validate(config: TrainConfig) -> None:
           p.fsdp_degree)
     check(p.data_parallel_replicate_degree > 0, "parallelism.data_parallel_replicate_degree", "an integer > 0",
           p.data_parallel_replicate_degree)
+    check(p.num_processes >= 0, "parallelism.num_processes", "an integer >= 0", p.num_processes)
+    check(p.num_processes == 0 or p.coordinator_address, "parallelism.coordinator_address",
+          "host:port of process 0 when parallelism.num_processes is set", p.coordinator_address)
+    check(p.process_id >= -1 and (p.num_processes == 0 or p.process_id < p.num_processes), "parallelism.process_id",
+          f"-1 or an integer in [0, {p.num_processes})" if p.num_processes else "-1 or an integer >= 0", p.process_id)
     check(lo.r >= 0, "lora.r", "an integer >= 0", lo.r)
     check(lo.lora_alpha > 0, "lora.lora_alpha", "a number > 0", lo.lora_alpha)
     for name in ("w_p_exp", "w_p_frac", "x_p_exp", "x_p_frac"):

@@ -115,10 +115,8 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         (output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
 
     devices = jax.device_count()
-    local_rows = t.local_batch_size * jax.local_device_count()
-    spec = StreamSpec(config.data.dataset, tokenizer, t.seq_len, local_rows, seed=config.job.seed,
-                      split=config.data.split, subset=config.data.subset or None, text_field=config.data.text_field,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+    spec = StreamSpec(config.data.dataset, tokenizer, t.seq_len, t.local_batch_size * devices, seed=config.job.seed,
+                      split=config.data.split, subset=config.data.subset or None, text_field=config.data.text_field)
     stream = BatchStream(spec, state=data_state, prefetch=config.data.prefetch)
     batch_shard = batch_sharding(mesh)
     global_shape = (t.gradient_accumulation_steps, t.local_batch_size * devices, t.seq_len + 1)
@@ -144,8 +142,9 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     try:
         with _StopRequest() as stop:
             while step < t.steps:
-                local = np.stack([next(stream) for _ in range(t.gradient_accumulation_steps)])
-                batch = jax.make_array_from_process_local_data(batch_shard, local, global_shape)
+                # every process reads the global batch and places the rows of its own devices
+                rows = np.stack([next(stream) for _ in range(t.gradient_accumulation_steps)])
+                batch = jax.make_array_from_callback(global_shape, batch_shard, lambda index: rows[index])
                 state, metrics = train_step(state, batch)
                 step += 1
                 if progress is not None:

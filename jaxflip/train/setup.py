@@ -23,7 +23,11 @@ from jaxflip.train.config import ConfigError, TrainConfig
 def initialize_distributed(config: TrainConfig) -> None:
     """``jax.distributed.initialize`` for multi-host runs: from the config's
     ``[parallelism]`` fields when set, else from the environment JAX understands (SLURM,
-    ``JAX_COORDINATOR_ADDRESS``...). A single-host run with neither does nothing."""
+    ``JAX_COORDINATOR_ADDRESS``...). A single-host run with neither does nothing.
+
+    With several processes, ``checkpoint.export_model`` is refused at once rather than hanging
+    at the end: ``jaxflip.models.save`` stages into a temporary folder of its own per process,
+    and Orbax then waits forever for the other processes to write the same folder."""
     p = config.parallelism
     if p.coordinator_address:
         jax.distributed.initialize(coordinator_address=p.coordinator_address,
@@ -31,6 +35,10 @@ def initialize_distributed(config: TrainConfig) -> None:
                                    process_id=None if p.process_id < 0 else p.process_id)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
         jax.distributed.initialize()
+    if jax.process_count() > 1 and config.checkpoint.export_model:
+        raise ConfigError(f"checkpoint.export_model: not supported with {jax.process_count()} processes yet; set "
+                          f"it false (a one-process run of the same output_dir resumes the last checkpoint and "
+                          f"exports it)")
 
 
 def build_mesh(config: TrainConfig) -> Mesh:

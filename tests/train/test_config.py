@@ -86,6 +86,10 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp: expected a probability"),
     (["--training.lr", "fast"], "training.lr: expected a number"),
     (["--parallelism.fsdp_degree", "3"], "parallelism.fsdp_degree: 3 x data_parallel_replicate_degree 1 = 3 devices"),
+    (["--parallelism.num_processes", "2"], "parallelism.coordinator_address: expected host:port of process 0"),
+    (["--parallelism.coordinator_address", "127.0.0.1:1234", "--parallelism.num_processes", "2",
+      "--parallelism.process_id", "2"], "parallelism.process_id: expected -1 or an integer in [0, 2), got 2"),
+    (["--parallelism.process_id", "-2"], "parallelism.process_id: expected -1 or an integer >= 0, got -2"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
     code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
