@@ -10,6 +10,11 @@
 # STEPS (default 30) and RUN_TIMEOUT (seconds per run, default 420) shorten a call.
 set -uo pipefail
 steps=${STEPS:-30}
+# carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE=""
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"

@@ -29,7 +29,7 @@ def step_collectives(config) -> dict:
     model, _ = setup.build_model(config, mesh)
     setup.apply_bitflip(config, model)
     tx = make_optimizer(config.training)
-    graphdef, state, shardings = init_state(model, tx, mesh, config.lora.r > 0)
+    graphdef, state, shardings, _ = init_state(model, tx, mesh, config.lora.r > 0)
     t = config.training
     batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.local_batch_size * jax.device_count(),
                                   t.seq_len + 1), np.int32, sharding=batch_sharding(mesh))

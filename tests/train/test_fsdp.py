@@ -30,7 +30,7 @@ def compiled_step(config, mesh):
     model, _ = setup.build_model(config, mesh)
     setup.apply_bitflip(config, model)
     tx = make_optimizer(config.training)
-    graphdef, state, shardings = init_state(model, tx, mesh, lora=config.lora.r > 0)
+    graphdef, state, shardings, _ = init_state(model, tx, mesh, lora=config.lora.r > 0)
     return make_train_step(graphdef, tx, config.training, shardings, batch_sharding(mesh)), state
 
 
