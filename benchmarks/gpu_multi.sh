@@ -7,7 +7,8 @@
 # Built-in corpus and tokenizer (no network there); 60M keeps its 49,152-token vocabulary, 8B
 # its 128,256, so the FLOPs are the real recipes'. Empty compilation cache. Each run's
 # metrics.jsonl lands in $OUT/<run>/; benchmarks/summarize_runs.py prints the table.
-# STEPS (default 30) and RUN_TIMEOUT (seconds per run, default 420) shorten a call.
+# STEPS (default 30) and RUN_TIMEOUT (seconds per run, default 420) shorten a call; LOG_FREQ
+# (default 1: every loss, for the 1- vs 2-GPU comparison) > 1 measures without a host sync per step.
 set -uo pipefail
 steps=${STEPS:-30}
 # carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
@@ -20,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 common=(--job.start_over true --data.dataset builtin:moby-dick --data.tokenizer builtin
         --checkpoint.enable false --checkpoint.export_model false --metrics.progress_bar false
-        --metrics.plot false --metrics.tensorboard false --training.log_freq 1)
+        --metrics.plot false --metrics.tensorboard false --training.log_freq ${LOG_FREQ:-1})
 
 train() {  # train RUN_NAME GPUS ARGS...
   local name=$1 gpus=$2; shift 2

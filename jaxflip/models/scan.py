@@ -138,7 +138,10 @@ def stack_layers(model: nnx.Module) -> bool:
         for flat in per_layer:
             flat[leaf] = None
         values = [variable.get_value() for variable in variables]
-        value = _stack(_stacked_sharding(values[0].sharding))(*values)
+        if isinstance(values[0], jax.ShapeDtypeStruct):  # an abstract model (ahead-of-time compiles)
+            value = jax.ShapeDtypeStruct((len(values), *values[0].shape), values[0].dtype)
+        else:
+            value = _stack(_stacked_sharding(values[0].sharding))(*values)
         stacked.append((path, _with_axes(variables[0], value, _stacked_axes(variables[0]))))
         del variables, values
     layer = nnx.merge(graphdef, nnx.from_flat_state(stacked))

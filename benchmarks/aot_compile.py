@@ -1,0 +1,85 @@
+"""Ahead-of-time compile of a config's training step, with no weights in memory.
+
+    python benchmarks/aot_compile.py --config configs/llama3-70b-lora.toml --model.hf_model_path ""
+
+Builds the model abstractly (``nnx.eval_shape``: LoRA, bitflip rules, remat, scanned layers
+as training sets them up), lowers the step for every visible device with the config's
+micro-batch and compiles it, printing the lowering and compile seconds and the compiled
+program's memory analysis per device (arguments, outputs, temporaries). Nothing is allocated
+on the devices, so a 70B step compiles on any host with the right device kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxflip.bitflip import LoRAParam, add_lora
+from jaxflip.models import LlamaForCausalLM, get_flavor
+from jaxflip.models.scan import stack_layers
+from jaxflip.train import setup
+from jaxflip.train.config import load_config
+from jaxflip.train.step import (TrainState, batch_sharding, make_optimizer, make_train_step, split_model,
+                                state_sharding)
+
+
+def abstract_model(config):
+    t, m = config.training, config.model
+    lora = config.lora.r > 0
+    changes = {"param_dtype": t.dtype if lora else "float32", "dtype": t.mixed_precision_param}
+    if m.vocab_size:
+        changes["vocab_size"] = m.vocab_size
+    model_config = get_flavor(config.flavor, **changes)
+
+    def build():
+        model = LlamaForCausalLM(model_config, rngs=nnx.Rngs(0))
+        if lora:
+            add_lora(model, rank=config.lora.r, alpha=config.lora.lora_alpha, rngs=nnx.Rngs(1))
+            for _, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+                variable.set_value(variable.get_value().astype(jnp.float32))
+        model.model.set_remat(m.remat)
+        setup.apply_bitflip(config, model)
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    args, overrides = parser.parse_known_args()
+    config = load_config(args.config, overrides)
+    mesh = setup.build_mesh(config)
+    start = time.perf_counter()
+    model = abstract_model(config)
+    scanned = stack_layers(model)
+    graphdef, trainable, frozen, seeds = split_model(model, config.lora.r > 0)
+    tx = make_optimizer(config.training)
+    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
+                          jax.eval_shape(tx.init, trainable))
+    shardings = state_sharding(mesh, tx, abstract)
+    t = config.training
+    batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.local_batch_size * jax.device_count(),
+                                  t.seq_len + 1), jnp.int32)
+    step = make_train_step(graphdef, tx, t, shardings, batch_sharding(mesh))
+    built = time.perf_counter()
+    lowered = step.lower(abstract, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    memory = compiled.memory_analysis()
+    gib = {name: getattr(memory, f"{name}_size_in_bytes") / 2**30
+           for name in ("argument", "output", "temp", "generated_code")} if memory is not None else None
+    print(json.dumps({"flavor": config.flavor, "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
+                      "scanned_layers": scanned, "bitflip": config.bitflip.enable, "build_s": built - start,
+                      "lower_s": lowered_at - built, "compile_s": compiled_at - lowered_at,
+                      "memory_gib_per_device": gib}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
