@@ -6,6 +6,8 @@ evaluation read them one way and resume them one way (``state_dict`` / ``load_st
 
 from __future__ import annotations
 
+import itertools
+
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -85,16 +87,26 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     return tokenizer
 
 
-def token_windows(texts: Iterable[str], tokenizer, seq_len: int, *, buffer: list[int] | None = None
-                  ) -> Iterator[np.ndarray]:
+TOKENIZE_CHUNK = 64  # documents per tokenizer call: the Rust tokenizer encodes a batch on all cores
+
+
+def token_windows(texts: Iterable[str], tokenizer, seq_len: int, *, buffer: list[int] | None = None,
+                  chunk: int = TOKENIZE_CHUNK) -> Iterator[np.ndarray]:
     """Pack documents into int32 windows of ``seq_len + 1`` tokens (inputs and shifted labels):
     tokenize each (no special tokens), append EOS, concatenate, cut. ``buffer`` holds the
-    tokens carried over between windows; the caller may pass its own to save and restore it."""
+    tokens carried over between windows; the caller may pass its own to save and restore it.
+
+    Documents are tokenized ``chunk`` at a time (one tokenizer call on a thread: a single
+    document per call caps a training run near 0.5M tokens/s) and every token of a chunk
+    enters ``buffer`` before its first window is cut, so ``buffer`` always holds exactly the
+    tokens of the documents taken from ``texts`` that no window has used yet."""
     buffer = [] if buffer is None else buffer
     window = seq_len + 1
-    for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        buffer.append(tokenizer.eos_token_id)
+    texts = iter(texts)
+    while documents := list(itertools.islice(texts, chunk)):
+        for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+            buffer.append(tokenizer.eos_token_id)
         while len(buffer) >= window:
             packed = np.asarray(buffer[:window], np.int32)
             del buffer[:window]  # before yielding: a caller saving ``buffer`` then sees the carry
