@@ -8,7 +8,9 @@
 # its 128,256, so the FLOPs are the real recipes'. Empty compilation cache. Each run's
 # metrics.jsonl lands in $OUT/<run>/; benchmarks/summarize_runs.py prints the table.
 # STEPS (default 30) and RUN_TIMEOUT (seconds per run, default 420) shorten a call; LOG_FREQ
-# (default 1: every loss, for the 1- vs 2-GPU comparison) > 1 measures without a host sync per step.
+# (default 1: every loss, for the 1- vs 2-GPU comparison) > 1 measures without a host sync per step;
+# FLIPS (default "true false") picks the 60M runs; BATCH_1GPU=16 gives the 1-GPU run the 2-GPU
+# run's per-GPU batch (weak scaling) instead of its global batch.
 set -uo pipefail
 steps=${STEPS:-30}
 # carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
@@ -34,10 +36,10 @@ train() {  # train RUN_NAME GPUS ARGS...
 
 case ${1:-60M} in
 60M)
-  for flips in true false; do
+  for flips in ${FLIPS:-true false}; do
     train "60M-2gpu-bitflip-$flips" 0,1 --config configs/aixsim-60M.toml --training.local_batch_size 16 \
       --training.steps $steps --training.warmup_steps 10 --parallelism.fsdp_degree -1 --bitflip.enable $flips
-    train "60M-1gpu-bitflip-$flips" 0 --config configs/aixsim-60M.toml --training.local_batch_size 32 \
+    train "60M-1gpu-bitflip-$flips" 0 --config configs/aixsim-60M.toml --training.local_batch_size ${BATCH_1GPU:-32} \
       --training.steps $steps --training.warmup_steps 10 --parallelism.fsdp_degree -1 --bitflip.enable $flips
   done ;;
 8B)
