@@ -2,7 +2,8 @@
 
 A checkpoint holds the whole ``TrainState`` (step, trained weights, frozen weights, bitflip
 seeds, optimizer state) as one flat dict keyed by pytree path, restored straight into its
-shardings; and, per process, the data stream's position
+shardings (with scanned layers, the stacked layout: a run resumes with the layout it saved, which
+the same config chooses again); and, per process, the data stream's position
 (``<output_dir>/data_state/<step>/process_<i>.json``, written before the Orbax save begins so
 that a finished checkpoint always has its data position).
 """
