@@ -2,11 +2,13 @@
 
 A checkpoint holds the whole ``TrainState`` (step, trained weights, frozen weights, bitflip
 seeds, optimizer state) as one flat dict keyed by pytree path, restored straight into its
-shardings; and the data stream's position (``<output_dir>/data_state/<step>/stream.json``,
-written before the Orbax save begins so that a finished checkpoint always has its data
-position). Every process reads the same stream (``jaxflip.data.pipeline``), so process 0 writes
-the one position and any number of processes resume from it: a checkpoint of a two-process run
-resumes in one process with the same devices, and back.
+shardings (with scanned layers, the stacked layout: a run resumes with the layout it saved, which
+the same config chooses again); and the data stream's position
+(``<output_dir>/data_state/<step>/stream.json``, written before the Orbax save begins so that a
+finished checkpoint always has its data position). Every process reads the same stream
+(``jaxflip.data.pipeline``), so process 0 writes the one position and any number of processes
+resume from it: a checkpoint of a two-process run resumes in one process with the same
+devices, and back.
 """
 
 from __future__ import annotations

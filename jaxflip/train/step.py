@@ -2,14 +2,14 @@
 
 The model is split once into its graph (static) and four states: ``trainable`` (every
 ``nnx.Param``, or only the ``LoRAParam`` factors), ``frozen`` (the rest of the weights),
-``seeds`` (the ``BitflipSeed`` of every flipped tensor) and the optax state. When every decoder
-layer has the same graph, the state holds the layers stacked along a leading layer axis and the
-forward scans them (``jaxflip.models.scan``): compile time then does not grow with depth. The step merges
-them into a model, runs ``gradient_accumulation_steps`` micro-batches under ``lax.scan`` (the
-seeds advancing through each), clips, updates, and returns the new state. Shardings are
-declared once: parameters by their logical axes (``jaxflip.models.sharding``), optimizer
-moments like the parameters they follow, seeds and counters replicated, the batch over every
-data axis.
+``seeds`` (the ``BitflipSeed`` of every flipped tensor) and the optax state. When every
+decoder layer has the same graph, the state holds the layers stacked along a leading layer axis
+and the forward scans them (``jaxflip.models.scan``): compile time then does not grow with
+depth. The step merges them into a model, runs ``gradient_accumulation_steps`` micro-batches
+under ``lax.scan`` (the seeds advancing through each), clips, updates, and returns the new
+state. Shardings are declared once: parameters by their logical axes
+(``jaxflip.models.sharding``), optimizer moments like the parameters they follow, seeds and
+counters replicated, the batch over every data axis.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxflip.bitflip import LoRAParam, named_linears
@@ -19,21 +20,30 @@ def losses(output_dir):
     return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigterm_then_resume_gives_the_losses_of_an_unbroken_run(tiny_job, tmp_path):
-    unbroken = tiny_job(job={"output_dir": str(tmp_path / "unbroken")})
+# the same flips in every layer: the train state holds the layers stacked and the step scans them
+EVERY_DOWN_PROJ = {r"model\.layers\.\d+\.mlp\.down_proj": dict(x_p_exp=0.5**10, x_p_frac=0.5**6, x_zero_out_t=30.0)}
+
+
+@pytest.mark.parametrize("layers", ["unrolled", "scanned"])
+def test_sigterm_then_resume_gives_the_losses_of_an_unbroken_run(tiny_job, tmp_path, capsys, layers):
+    bitflip = {"bitflip": {"rules": EVERY_DOWN_PROJ}} if layers == "scanned" else {}
+    unbroken = tiny_job(job={"output_dir": str(tmp_path / "unbroken")}, **bitflip)
     run(unbroken)
+    assert f"decoder layers: {layers}" in capsys.readouterr().out
 
     def terminate_at_step_3(step, record):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    broken = tiny_job(job={"output_dir": str(tmp_path / "broken")})
+    broken = tiny_job(job={"output_dir": str(tmp_path / "broken")}, **bitflip)
     first = run(broken, on_step=terminate_at_step_3)
     assert first["step"] == 3 and not first["finished"]
     second = run(broken)
     assert second["finished"]
     assert len(losses(tmp_path / "broken")) == 6
     assert losses(tmp_path / "broken") == losses(tmp_path / "unbroken")
+    exported = load(second["model"])  # in the public layout either way
+    assert isinstance(exported.model.layers, nnx.List) and len(exported.model.layers) == 2
 
 
 def test_lora_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_job):
