@@ -135,13 +135,15 @@ def test_a_checkpoint_resumes_on_another_process_count(unbroken_runs, written_by
     assert (resumed / "checkpoints" / str(STEPS)).is_dir()
 
 
-def test_two_processes_train_as_one_without_bitflips(tmp_path, cache_dir):
+def test_two_processes_train_as_one_without_bitflips(unbroken_runs, tmp_path, cache_dir):
     runs = {processes: tmp_path / f"{processes}_processes" for processes in (1, 2)}
     for processes, output_dir in runs.items():
         train(output_dir, processes, "--bitflip.enable", "false", "--training.steps", "2", cache_dir=cache_dir)
     one, two = (logged_losses(runs[processes]) for processes in (1, 2))
     assert sorted(one) == sorted(two) == [1, 2]
     np.testing.assert_allclose([two[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
+    # the same weights and batch with flips give another loss: the runs above do flip
+    assert abs(one[1] - logged_losses(unbroken_runs[1])[1]) > 1e-4
 
 
 def test_two_processes_refuse_to_export_and_one_process_exports_their_checkpoint(unbroken_runs, tmp_path, cache_dir):
