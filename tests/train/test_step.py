@@ -82,11 +82,12 @@ def test_scanned_layers_train_as_the_loop_does(tiny_job, lora):
     initial, params, unrolled_params = (flat_values(model, nnx.Param) for model in (fresh, trained, unrolled))
     assert params.keys() == unrolled_params.keys()
     for path, value in unrolled_params.items():
-        # the updates agree up to float32 rounding of another fusion order, relative to their
-        # scale (seen up to 4e-3 of it, in the flipped layers); weights that do not train stay bit-identical
+        # the updates agree up to float32 rounding of another fusion order, measured over the
+        # whole tensor: Adam can turn the rounding of a near-zero gradient into an update of
+        # either sign for a single element (seen once: 1 of 524,288); weights that do not
+        # train stay bit-identical
         update, unrolled_update = params[path] - initial[path], value - initial[path]
-        np.testing.assert_allclose(update, unrolled_update, rtol=0, atol=2e-2 * np.abs(unrolled_update).max(),
-                                   err_msg=str(path))
+        assert np.linalg.norm(update - unrolled_update) <= 1e-2 * np.linalg.norm(unrolled_update), path
     seeds, unrolled_seeds = flat_values(trained, BitflipSeed), flat_values(unrolled, BitflipSeed)
     assert seeds.keys() == unrolled_seeds.keys()
     assert all(np.array_equal(seeds[path], unrolled_seeds[path]) for path in seeds)
