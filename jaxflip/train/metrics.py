@@ -17,6 +17,15 @@ def device_memory_gib() -> float | None:
     return stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2**30
 
 
+def _record_step(line: str) -> int | None:
+    """The step of a whole ``metrics.jsonl`` record, None for anything else."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, tensorboard: bool):
         self.output_dir = Path(output_dir)
@@ -29,10 +38,12 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint, which the run will log again."""
+        """On resume: drop lines of steps after the checkpoint, which the run will log again,
+        and a last line cut short by a kill mid-write (any line that is not a whole record)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines()
+                if (logged := _record_step(line)) is not None and logged <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
