@@ -19,30 +19,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxflip.bitflip import LoRAParam, add_lora
-from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.scan import stack_layers
 from jaxflip.train import setup
 from jaxflip.train.config import load_config
-from jaxflip.train.step import (TrainState, batch_sharding, make_optimizer, make_train_step, split_model,
+from jaxflip.train.step import (abstract_train_state, batch_sharding, make_optimizer, make_train_step, split_model,
                                 state_sharding)
 
 
-def abstract_model(config):
-    t, m = config.training, config.model
-    lora = config.lora.r > 0
-    changes = {"param_dtype": t.dtype if lora else "float32", "dtype": t.mixed_precision_param}
-    if m.vocab_size:
-        changes["vocab_size"] = m.vocab_size
-    model_config = get_flavor(config.flavor, **changes)
+def abstract_model(config, mesh):
+    """What training builds (``setup.build_model``: LoRA, remat, then the bitflip rules), as
+    shapes only."""
 
     def build():
-        model = LlamaForCausalLM(model_config, rngs=nnx.Rngs(0))
-        if lora:
-            add_lora(model, rank=config.lora.r, alpha=config.lora.lora_alpha, rngs=nnx.Rngs(1))
-            for _, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-                variable.set_value(variable.get_value().astype(jnp.float32))
-        model.model.set_remat(m.remat)
+        model, _ = setup.build_model(config, mesh)
         setup.apply_bitflip(config, model)
         return model
 
@@ -56,12 +45,11 @@ def main() -> None:
     config = load_config(args.config, overrides)
     mesh = setup.build_mesh(config)
     start = time.perf_counter()
-    model = abstract_model(config)
+    model = abstract_model(config, mesh)
     scanned = stack_layers(model)
     graphdef, trainable, frozen, seeds = split_model(model, config.lora.r > 0)
     tx = make_optimizer(config.training)
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
-                          jax.eval_shape(tx.init, trainable))
+    abstract = abstract_train_state(tx, trainable, frozen, seeds)
     shardings = state_sharding(mesh, tx, abstract)
     t = config.training
     batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.local_batch_size * jax.device_count(),

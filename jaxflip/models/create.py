@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxflip.models.config import LlamaConfig
-from jaxflip.models.llama import Embedding, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm
+from jaxflip.models.llama import Embedding, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm, lm_head_linear
 from jaxflip.models.sharding import state_shardings
 
 
@@ -64,9 +64,6 @@ def create_random_llama(config: LlamaConfig, mesh: Mesh, seed: int) -> LlamaForC
     norm, _ = created(lambda rngs: RMSNorm(config), shardings["model"]["norm"])(seed, count)
     nnx.update(model.model.norm, norm)
     if model.lm_head is not None:
-        lm_head, _ = created(lambda rngs: type(model.lm_head)(
-            model.lm_head.in_features, model.lm_head.out_features, use_bias=model.lm_head.bias is not None,
-            axes=model.lm_head.axes, param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs),
-            shardings["lm_head"])(seed, count)
+        lm_head, _ = created(lambda rngs: lm_head_linear(config, rngs), shardings["lm_head"])(seed, count)
         nnx.update(model.lm_head, lm_head)
     return model

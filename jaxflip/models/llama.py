@@ -113,6 +113,11 @@ def _linear(config: LlamaConfig, in_features: int, out_features: int, axes, use_
                          param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
 
 
+def lm_head_linear(config: LlamaConfig, rngs) -> BitFlipLinear:
+    """The untied LM head, (V, D)."""
+    return _linear(config, config.hidden_size, config.vocab_size, ("vocab", "embed"), False, rngs)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -235,8 +240,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.model = LlamaModel(config, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else _linear(
-            config, config.hidden_size, config.vocab_size, ("vocab", "embed"), False, rngs)
+        self.lm_head = None if config.tie_word_embeddings else lm_head_linear(config, rngs)
 
     def __call__(self, input_ids: jax.Array, cache: KVCache | None = None):
         hidden, new_cache = self.model(input_ids, cache)

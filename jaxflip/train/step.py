@@ -86,6 +86,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def abstract_train_state(tx: optax.GradientTransformation, trainable, frozen, seeds) -> TrainState:
+    """The train state's shapes: the optimizer state as ``tx.init`` would create it."""
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds, jax.eval_shape(tx.init, trainable))
+
+
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, lora: bool, *,
                scan_layers: bool = True):
     """``(graphdef, state, shardings, scanned)`` with the optimizer state created sharded.
@@ -96,9 +101,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, 
     layers stay a list and the step loops over them (``scanned`` is False)."""
     scanned = scan_layers and stack_layers(model)
     graphdef, trainable, frozen, seeds = split_model(model, lora)
-    abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, frozen, seeds,
-                          jax.eval_shape(tx.init, trainable))
-    shardings = state_sharding(mesh, tx, abstract)
+    shardings = state_sharding(mesh, tx, abstract_train_state(tx, trainable, frozen, seeds))
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     step = jax.device_put(jnp.int32(0), shardings.step)
     seeds = jax.device_put(seeds, shardings.seeds)
