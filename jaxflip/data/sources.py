@@ -7,7 +7,6 @@ evaluation read them one way and resume them one way (``state_dict`` / ``load_st
 from __future__ import annotations
 
 import itertools
-
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path

@@ -20,7 +20,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from jaxflip.models import LlamaForCausalLM, generate
-from jaxflip.models.sharding import on_model_mesh
+from jaxflip.models.sharding import mesh_context, model_mesh
 
 # ``Collator.get_cache`` hands each request of a shared-context group the batch row's logits;
 # here the scores are looked up per row, so a placeholder stands in for the logits
@@ -50,6 +50,7 @@ class JaxLM(TemplateLM):
                  max_gen_toks: int = 256):
         super().__init__()
         self.model = model
+        self.mesh = model_mesh(model)  # the weights' mesh, if sharded: scoring forwards run on it
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length or model.config.max_position_embeddings
@@ -83,7 +84,7 @@ class JaxLM(TemplateLM):
             for row, tokens in zip(padded, inputs):
                 row[:len(tokens)] = tokens
             lengths = np.asarray([len(tokens) for tokens in inputs])
-            with on_model_mesh(self.model):
+            with mesh_context(self.mesh):
                 scores = _score(self.model, jnp.asarray(padded), jnp.asarray(lengths - 1, jnp.int32))
             next_log_probs, greedy, last_rows = (np.asarray(a) for a in scores)
             for row, (strings, context, continuation) in enumerate(chunk):

@@ -24,7 +24,7 @@ from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.eval.model_io import open_model, open_tokenizer
 from jaxflip.eval.perplexity import add_window_arguments, evaluation_windows
 from jaxflip.eval.report import format_table
-from jaxflip.models.sharding import on_model_mesh
+from jaxflip.models.sharding import mesh_context, model_mesh
 
 BINS = 1 << 15  # |value| as bfloat16 bits: sign dropped
 PERCENTILES = {"p50": 50.0, "p99": 99.0, "p99.9": 99.9, "p99.99": 99.99}
@@ -118,9 +118,10 @@ def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int
     wrappers = {name: ProfiledLinear(linears[name]) for name in layers}
     for name, wrapper in wrappers.items():
         replace_module(model, name, wrapper)
+    mesh = model_mesh(model)
     try:
         for start in range(0, len(windows), batch_size):
-            with on_model_mesh(model):
+            with mesh_context(mesh):
                 _forward(model, jnp.asarray(windows[start:start + batch_size, :-1]))
             for name, wrapper in wrappers.items():
                 stats["x"][name].add(wrapper.histogram[...], wrapper.maximum[...])

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.models.llama import KVCache, LlamaForCausalLM
-from jaxflip.models.sharding import on_model_mesh
+from jaxflip.models.sharding import mesh_context, model_mesh
 
 
 @nnx.jit
@@ -65,7 +65,8 @@ def generate(model: LlamaForCausalLM, input_ids: jax.Array, max_new_tokens: int,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     batch_size, prompt_length = input_ids.shape
     cache = KVCache.init(model.config, batch_size, prompt_length + max_new_tokens)
-    with on_model_mesh(model):
+    mesh = model_mesh(model)
+    with mesh_context(mesh):
         logits, cache = _forward_cached(model, input_ids, cache)
     key = jax.random.key(seed)
     finished = np.zeros(batch_size, bool)
@@ -81,6 +82,6 @@ def generate(model: LlamaForCausalLM, input_ids: jax.Array, max_new_tokens: int,
         stop = on_tokens is not None and on_tokens(next_token)
         if stop or finished.all() or step + 1 == max_new_tokens:
             break
-        with on_model_mesh(model):
+        with mesh_context(mesh):
             logits, cache = _forward_cached(model, tokens[-1], cache)
     return jnp.concatenate(tokens, axis=1)

@@ -23,8 +23,8 @@ without a multi-device mesh they do nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import jax
 from flax import nnx
@@ -122,21 +122,21 @@ class OnMesh:
 def model_mesh(model: nnx.Module) -> Mesh | None:
     """The mesh a model's weights are spread over (``create_sharded``, or a checkpoint opened
     with a mesh); None when they live on one device."""
-    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        sharding = getattr(variable.get_value(), "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-        return None
-    return None
+    first = next(iter(nnx.to_flat_state(nnx.state(model, nnx.Param))), None)
+    sharding = None if first is None else getattr(first[1].get_value(), "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
-@contextmanager
-def on_model_mesh(model: nnx.Module) -> Iterator[None]:
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)``, or nothing for None (a model on one device)."""
+    return jax.set_mesh(mesh) if mesh is not None else nullcontext()
+
+
+def on_model_mesh(model: nnx.Module):
     """Run the enclosed forwards of ``model`` (eval, generation) on its mesh, if it has one:
-    activations constrained, each device flipping its own shards."""
-    mesh = model_mesh(model)
-    with jax.set_mesh(mesh) if mesh is not None else nullcontext():
-        yield
+    activations constrained, each device flipping its own shards. A loop of forwards finds the
+    mesh once with ``model_mesh`` and enters ``mesh_context`` per forward."""
+    return mesh_context(model_mesh(model))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
