@@ -2,8 +2,8 @@
 HF transformers, torchtitan and jaxflip (Orbax). ``--help`` after a command lists its options.
 
 Bad input (a missing file, a shape that disagrees with the config, unknown or missing keys, a
-model that is not a Llama) ends with one ``error: ...`` line and exit status 1; DST is then
-left as it was.
+model that is not a Llama) ends with one ``error: ...`` line and exit status 2 (1 for a fault
+of the environment: disk full, no permission); DST is then left as it was.
 """
 
 from __future__ import annotations
@@ -92,15 +92,20 @@ def run(args: argparse.Namespace) -> str:
                           overwrite=args.overwrite)
 
 
+# OSErrors that say the arguments are wrong, not the machine
+BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (0, or 1 after an ``error:`` line)."""
+    """The CLI; returns the exit status: 0, or after an ``error:`` line 2 for bad input and 1
+    for a fault of the environment (disk full, permissions)."""
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, OSError) as error:  # ConversionError, the model's checks, missing or existing paths
+    except (ValueError, OSError) as error:  # ConversionError, the model's checks, paths, the disk
         # library messages can span lines; the contract is one line
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, (ValueError, *BAD_PATH_ERRORS)) else 1
     print(summary)
     return 0
 

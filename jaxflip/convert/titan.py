@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -111,18 +112,57 @@ def halves_to_interleaved(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(0, 2, 1, 3).reshape(rows, columns)
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file admitting only what such a file holds: DCP's metadata
+    classes, torch dtypes, layouts and ``Size``, paths and a few builtins. A pickle names the
+    callables it runs; torch's own reader would run any of them (code in a crafted file)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+               *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+               *(("builtins", name) for name in ("set", "frozenset", "slice", "complex", "bytearray"))}
+
+    def find_class(self, module: str, name: str):
+        import torch
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type) \
+                and getattr(dcp_metadata, name).__module__ == module:
+            return getattr(dcp_metadata, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP metadata file does not hold "
+                                     f"(refused: unpickling it could run code)")
+
+
+def read_dcp_metadata(folder: Path):
+    """A DCP folder's ``Metadata``, read as ``FileSystemReader.read_metadata`` does but through
+    ``MetadataUnpickler``."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    try:
+        with open(folder / ".metadata", "rb") as file:
+            metadata = MetadataUnpickler(file).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError, IndexError,
+            KeyError) as error:  # what a corrupt or foreign pickle raises
+        raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise ConversionError(f"{folder}: the DCP metadata holds a {type(metadata).__name__}, not a Metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
 class DCPSource(TensorSource):
     """The tensors of a DCP folder, each loaded alone by ``dcp.load`` (which reads that
     tensor's chunks from every rank's file) with the metadata read once."""
 
     def __init__(self, folder: Path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        try:
-            self.metadata = dcp.FileSystemReader(folder).read_metadata()
-        except Exception as error:  # noqa: BLE001 (a corrupt .metadata surfaces as various errors)
-            raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+        self.metadata = read_dcp_metadata(folder)
         self.folder = folder
         self.entries = {fqn: entry for fqn, entry in self.metadata.state_dict_metadata.items()
                         if isinstance(entry, TensorStorageMetadata)}

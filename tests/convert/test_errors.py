@@ -1,4 +1,4 @@
-"""Bad input: one ``error:`` line, exit status 1, and no DST (nor a half-written one beside it)."""
+"""Bad input: one ``error:`` line, exit status 2, and no DST (nor a half-written one beside it)."""
 
 import json
 
@@ -29,7 +29,7 @@ def hf_folder(tmp_path):
 def fails(argv, capsys) -> str:
     """Run the CLI, expecting failure; returns its one error line."""
     capsys.readouterr()  # what the set-up printed
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     return err
@@ -175,3 +175,46 @@ def test_not_a_torch_file(tmp_path, capsys):
     error = fails(["titan-to-orbax", str(tmp_path / "model.pt"), str(tmp_path / "dst")], capsys)
     assert "cannot be read as a torch.save file" in error
     assert nothing_written(tmp_path, "model.pt")
+
+
+class WritesMarker:
+    """What a crafted pickle can do when unpickled: call anything, here ``os.mkdir(marker)``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture
+def small_dcp(tmp_path):
+    folder = tmp_path / "step-1"
+    with single_process():
+        dcp.save({"tok_embeddings.weight": torch.randn(8, 4)}, checkpoint_id=folder, no_dist=True)
+    return folder
+
+
+def test_dcp_metadata_with_code_is_refused_and_the_code_does_not_run(small_dcp, tmp_path, capsys):
+    import pickle
+
+    from jaxflip.convert.titan import read_dcp_metadata
+
+    metadata = read_dcp_metadata(small_dcp)
+    metadata.planner_data = WritesMarker(tmp_path / "marker")  # hidden inside a genuine Metadata
+    (small_dcp / ".metadata").write_bytes(pickle.dumps(metadata))
+    error = fails(["titan-to-orbax", str(small_dcp), str(tmp_path / "dst")], capsys)
+    assert "cannot read the DCP metadata" in error and "posix.mkdir" in error
+    assert not (tmp_path / "marker").exists()
+    assert nothing_written(tmp_path, "step-1")
+
+
+def test_dcp_metadata_that_is_not_metadata_is_refused(small_dcp, tmp_path, capsys):
+    import pickle
+
+    (small_dcp / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": [1, 2]}))
+    assert "holds a dict, not a Metadata" in fails(["titan-to-orbax", str(small_dcp), str(tmp_path / "dst")], capsys)
+    (small_dcp / ".metadata").write_bytes(b"\x80\x04truncated")
+    assert "cannot read the DCP metadata" in fails(["titan-to-orbax", str(small_dcp), str(tmp_path / "dst")], capsys)
