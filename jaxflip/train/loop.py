@@ -104,9 +104,9 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     if config.checkpoint.enable else None)
     data_state = None
     start = 0
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract, shardings)
+    restored = checkpointer.restore_latest(abstract, shardings) if checkpointer else None
+    if restored is not None:
+        latest, state, data_state = restored
         start = latest
         if main_process:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
