@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML (or YAML) job config; default: the built-in quickstart")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
+    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.loop import NonFiniteError
+
     try:
         if args.config is None:
             args.config = QUICKSTART
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if not summary["finished"]:
         print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")
     return 0

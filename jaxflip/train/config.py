@@ -242,10 +242,10 @@ def validate(config: TrainConfig) -> None:
         check(getattr(t, name) in DTYPES, f"training.{name}", f"one of {', '.join(DTYPES)}", getattr(t, name))
     for name in ("seq_len", "local_batch_size", "gradient_accumulation_steps", "steps", "log_freq", "save_freq"):
         check(getattr(t, name) > 0, f"training.{name}", "an integer > 0", getattr(t, name))
-    check(t.token_scale >= 0, "training.token_scale", "a number >= 0", t.token_scale)
+    check(0 <= t.token_scale < math.inf, "training.token_scale", "a finite number >= 0", t.token_scale)
     check(t.lr > 0 and math.isfinite(t.lr), "training.lr", "a number > 0", t.lr)
     for name in ("weight_decay", "max_norm", "eps"):
-        check(getattr(t, name) >= 0, f"training.{name}", "a number >= 0", getattr(t, name))
+        check(0 <= getattr(t, name) < math.inf, f"training.{name}", "a finite number >= 0", getattr(t, name))
     check(0 <= t.warmup_steps, "training.warmup_steps", "an integer >= 0", t.warmup_steps)
     check(t.decay in ("cosine", "linear", "constant"), "training.decay", "cosine, linear or constant", t.decay)
     check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
@@ -261,7 +261,7 @@ def validate(config: TrainConfig) -> None:
     check(p.process_id >= -1 and (p.num_processes == 0 or p.process_id < p.num_processes), "parallelism.process_id",
           f"-1 or an integer in [0, {p.num_processes})" if p.num_processes else "-1 or an integer >= 0", p.process_id)
     check(lo.r >= 0, "lora.r", "an integer >= 0", lo.r)
-    check(lo.lora_alpha > 0, "lora.lora_alpha", "a number > 0", lo.lora_alpha)
+    check(0 < lo.lora_alpha < math.inf, "lora.lora_alpha", "a finite number > 0", lo.lora_alpha)
     for name in ("w_p_exp", "w_p_frac", "x_p_exp", "x_p_frac"):
         value = getattr(b, name)
         check(value is None or 0.5**24 <= value < 1, f"bitflip.{name}",

@@ -46,6 +46,25 @@ def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dic
     return derived
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: training stops before saving it."""
+
+
+def check_finite(step: int, metrics: dict, checkpointer: Checkpointer | None) -> None:
+    """Raise ``NonFiniteError`` (one line naming the step and the checkpoint kept) when
+    ``metrics`` hold a non-finite loss or gradient norm. Checked wherever the loss is fetched
+    anyway and before every save, so that no checkpoint or export holds such a state (a NaN,
+    once in the weights, stays there)."""
+    bad = {name: float(metrics[name]) for name in ("loss", "grad_norm") if not math.isfinite(float(metrics[name]))}
+    if not bad:
+        return
+    kept = checkpointer.latest_step() if checkpointer is not None else None
+    values = ", ".join(f"{name} {value}" for name, value in bad.items())
+    where = f"the last checkpoint (step {kept}) is finite and stays" if kept is not None else "no checkpoint is kept"
+    raise NonFiniteError(f"step {step}: {values}; training stopped before saving it ({where}); lower training.lr, "
+                         f"set the bitflip zero-out thresholds, or clip with training.max_norm")
+
+
 class _StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves and exits at the end of the current step."""
 
@@ -149,8 +168,12 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 step += 1
                 if progress is not None:
                     progress.update(1)
-                if step % t.log_freq == 0 or step == t.steps or stop.requested:
+                saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
+                log_step = step % t.log_freq == 0 or step == t.steps or stop.requested
+                if log_step or saving:  # the loss is fetched (a host sync) only where it is logged or saved
                     metrics = jax.device_get(metrics)
+                    check_finite(step, metrics, checkpointer)
+                if log_step:
                     now = time.perf_counter()
                     tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
                     record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
@@ -165,7 +188,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                         print(format_record(record), flush=True)
                     if on_step is not None:
                         on_step(step, record)
-                if checkpointer and (step % t.save_freq == 0 or step == t.steps or stop.requested):
+                if saving:
                     checkpointer.save(step, state, stream.state(), force=stop.requested)
                 if stop.requested:
                     break

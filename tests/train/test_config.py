@@ -90,6 +90,9 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--parallelism.coordinator_address", "127.0.0.1:1234", "--parallelism.num_processes", "2",
       "--parallelism.process_id", "2"], "parallelism.process_id: expected -1 or an integer in [0, 2), got 2"),
     (["--parallelism.process_id", "-2"], "parallelism.process_id: expected -1 or an integer >= 0, got -2"),
+    (["--training.weight_decay", "inf"], "training.weight_decay: expected a finite number >= 0, got inf"),
+    (["--training.max_norm", "nan"], "training.max_norm: expected a finite number >= 0, got nan"),
+    (["--lora.r", "4", "--lora.lora_alpha", "inf"], "lora.lora_alpha: expected a finite number > 0, got inf"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
     code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
