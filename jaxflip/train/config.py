@@ -11,6 +11,7 @@ hf_model_path``; ``[training] ...``; ``[parallelism] fsdp_degree``; ``[lora] r, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -32,6 +33,7 @@ class JobConfig:
     description: str = ""
     seed: int = 0  # data order
     start_over: bool = False  # ignore checkpoints already in output_dir
+    resume_anyway: bool = False  # resume even when model, data or flip fields differ from the checkpoint's run
 
 
 @dataclass
@@ -335,3 +337,38 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+# what a resumed run may not change: the model, its data and its flips (the checkpoint holds
+# the other run's weights and data position); everything else (steps, lr, log and save
+# frequencies, parallelism...) may change, and is reported
+RESUME_FIXED_SECTIONS = ("model", "lora", "bitflip", "data")
+RESUME_FIXED_FIELDS = ("job.seed", "training.dtype", "training.mixed_precision_param",
+                       "training.mixed_precision_reduce", "training.seq_len", "training.local_batch_size",
+                       "training.gradient_accumulation_steps")
+RESUME_FREE_FIELDS = ("model.remat", "data.prefetch")
+RESUME_IGNORED_FIELDS = ("job.output_dir", "job.description", "job.start_over", "job.resume_anyway")
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """Compare the resolved config of the run that wrote the checkpoints (``config.json``)
+    with ``config``. Returns the allowed changes (``training.steps 6 -> 8``); raises
+    ``ConfigError`` naming the changes that alter the model, data or flips, unless
+    ``job.resume_anyway``. Fields the saved config lacks (an older jaxflip) are not compared."""
+    now = json.loads(json.dumps(to_dict(config), default=str))
+    changes = {f"{section}.{name}": (saved[section][name], value)
+               for section, fields in now.items() if isinstance(saved.get(section), dict)
+               for name, value in fields.items()
+               if name in saved[section] and saved[section][name] != value}
+    fixed = [where for where in changes if where not in RESUME_IGNORED_FIELDS and where not in RESUME_FREE_FIELDS
+             and (where.split(".")[0] in RESUME_FIXED_SECTIONS or where in RESUME_FIXED_FIELDS)]
+
+    def describe(where):
+        before, after = changes[where]
+        return f"{where} {json.dumps(before)} -> {json.dumps(after)}"
+
+    if fixed and not config.job.resume_anyway:
+        raise ConfigError(f"{', '.join(describe(where) for where in fixed)}: differ from the run whose checkpoints "
+                          f"are in {config.job.output_dir} (they change the model, data or flips); "
+                          f"--job.start_over true starts over, --job.resume_anyway true resumes anyway")
+    return [describe(where) for where in changes if where not in RESUME_IGNORED_FIELDS]

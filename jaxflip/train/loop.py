@@ -23,7 +23,7 @@ from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
 from jaxflip.train.checkpointing import Checkpointer, remove_run_state
-from jaxflip.train.config import TrainConfig, to_dict
+from jaxflip.train.config import TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
@@ -65,6 +65,22 @@ def check_finite(step: int, metrics: dict, checkpointer: Checkpointer | None) ->
                          f"set the bitflip zero-out thresholds, or clip with training.max_norm")
 
 
+def check_resume_config(config: TrainConfig, output_dir: Path) -> list[str]:
+    """Before a resume: the changes from the config of the run that wrote ``output_dir``'s
+    checkpoints (``config.json``) that a resume allows; a ``ConfigError`` for the others."""
+    saved = output_dir / "config.json"
+    checkpoints = output_dir / "checkpoints"
+    if not (config.checkpoint.enable and saved.is_file() and checkpoints.is_dir()
+            and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return []
+    try:
+        saved_config = json.loads(saved.read_text())
+    except ValueError:  # cut short by a kill: nothing to compare with
+        print(f"{saved} is not readable JSON; the config is not compared with the checkpoint's", flush=True)
+        return []
+    return resume_changes(saved_config, config)
+
+
 class _StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves and exits at the end of the current step."""
 
@@ -101,6 +117,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     if config.job.start_over and main_process:
         remove_run_state(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    changes = check_resume_config(config, output_dir)
 
     mesh = setup.build_mesh(config)
     model, model_tokenizer_dir = setup.build_model(config, mesh)
@@ -129,6 +146,8 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         start = latest
         if main_process:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
+            if changes:
+                print(f"changed since the checkpoint: {'; '.join(changes)}", flush=True)
     if main_process:
         resolved = to_dict(config) | {"derived": derived_numbers(config)}
         (output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))

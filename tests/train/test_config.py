@@ -4,6 +4,7 @@ import json
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -104,3 +105,22 @@ def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, ca
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="optimizer: unknown section"):
         from_dict({"optimizer": {"lr": 1}})
+
+
+def test_a_resume_refuses_changes_to_the_model_data_or_flips_and_reports_the_others(tiny_job):
+    from jaxflip.train.config import resume_changes, to_dict
+
+    rng = np.random.default_rng()
+    steps, vocab = int(rng.integers(7, 100)), int(rng.integers(4097, 9000))
+    saved = json.loads(json.dumps(to_dict(tiny_job()) | {"derived": {}}))
+    harmless = tiny_job(training={"steps": steps, "log_freq": 3, "save_freq": 4})
+    assert resume_changes(saved, harmless) == [f"training.steps 6 -> {steps}", "training.log_freq 1 -> 3",
+                                               "training.save_freq 2 -> 4"]
+    changed = tiny_job(model={"vocab_size": vocab}, bitflip={"enable": False}, training={"steps": steps})
+    with pytest.raises(ConfigError) as refused:
+        resume_changes(saved, changed)
+    message = str(refused.value)
+    assert message.startswith(f"model.vocab_size 4096 -> {vocab}, bitflip.enable true -> false: differ")
+    assert "--job.start_over true" in message and "--job.resume_anyway true" in message and "training" not in message
+    anyway = tiny_job(model={"vocab_size": vocab}, job={"resume_anyway": True})
+    assert resume_changes(saved, anyway) == [f"model.vocab_size 4096 -> {vocab}"]

@@ -141,3 +141,17 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
     assert err.startswith("error: step 4: loss nan") and "(step 2)" in err and "\n" not in err
     assert Checkpointer(output_dir, keep=3, async_save=False).latest_step() == 2
     assert not (output_dir / "model").exists()
+
+
+def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(tiny_job, monkeypatch):
+    from pathlib import Path
+
+    from jaxflip.train.config import ConfigError, to_dict
+
+    first = tiny_job()
+    output_dir = Path(first.job.output_dir)
+    (output_dir / "checkpoints" / "2").mkdir(parents=True)
+    (output_dir / "config.json").write_text(json.dumps(to_dict(first)))
+    monkeypatch.setattr(setup, "build_model", lambda *args: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match="model.vocab_size 4096 -> 8192: differ"):
+        run(tiny_job(model={"vocab_size": 8192}))
