@@ -172,6 +172,7 @@ class DCPSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         metadata = self.metadata
 
@@ -181,8 +182,14 @@ class DCPSource(TensorSource):
 
         entry = self.entries[name]
         tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-        with single_process():
-            dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        try:
+            with single_process():
+                dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        # a truncated or missing .distcp fails inside DCP's reader, as a CheckpointException (a BaseException)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            lines = str(error).strip().splitlines()
+            raise ConversionError(f"{self.folder}: cannot read {name} ({type(error).__name__}: "
+                                  f"{lines[-1] if lines else ''})") from None
         return torch_to_numpy(tensor)
 
 

@@ -45,7 +45,9 @@ def find_nearest_prob_n_halves(p: float | None) -> int | None:
         return None
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p < 1:
         raise ValueError(f"flip probability must be a number in (0, 1), got {p!r}")
-    return math.ceil(math.log2(1 / p))
+    inverse = 1 / p
+    # below 2**-1024 (subnormal) 1 / p overflows to inf; -log2(p) is the same number there
+    return math.ceil(math.log2(inverse)) if math.isfinite(inverse) else math.ceil(-math.log2(p))
 
 
 def calculate_flip_probability(halves: int | None) -> float | None:

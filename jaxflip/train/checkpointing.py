@@ -20,9 +20,11 @@ A latest checkpoint that does not restore (a corrupt file) is moved to
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -54,6 +56,7 @@ class Checkpointer:
         self.data_directory = Path(output_dir).absolute() / "data_state"
         self.keep = keep
         self._barriers = itertools.count()
+        self._in_flight = None  # the step of a save that may still be running
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -61,10 +64,39 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> None:
-        self._write_data_state(step, data_state)
-        self.manager.wait_until_finished()  # what the save below waits for anyway: the previous one is complete
+        self._finish()  # what the save below waits for anyway: the previous one is complete
         self._prune(self.keep - 1)
-        self.manager.save(step, args=ocp.args.StandardSave(flatten(state)), force=force)
+        self._in_flight = step
+        with self._failing_save(step):
+            self._write_data_state(step, data_state)
+            self.manager.save(step, args=ocp.args.StandardSave(flatten(state)), force=force)
+
+    def _finish(self) -> None:
+        with self._failing_save(self._in_flight):
+            self.manager.wait_until_finished()
+        self._in_flight = None
+
+    @contextlib.contextmanager
+    def _failing_save(self, step: int | None):
+        """An OS fault in a save (disk full, no permission; tensorstore reports it inside a
+        ``ValueError``, from a background thread when async) becomes one ``OSError`` naming the
+        step, and what the save wrote is removed."""
+        try:
+            yield
+        except Exception as error:
+            code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+            if code is None or step is None:
+                raise
+            self._discard(step)
+            raise OSError(code, f"{os.strerror(code)}: checkpoint step {step} could not be saved in "
+                                f"{self.directory.parent} (what it wrote is removed)") from None
+
+    def _discard(self, step: int) -> None:
+        if jax.process_index() == 0:
+            shutil.rmtree(self.data_directory / str(step), ignore_errors=True)
+            for partial in self.directory.glob(f"{step}.*"):  # Orbax's temporary folder of the step
+                shutil.rmtree(partial, ignore_errors=True)
+        self.manager.reload()
 
     def _data_state_path(self, step: int) -> Path | None:
         folder = self.data_directory / str(step)
@@ -106,7 +138,7 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish()
         self._prune(self.keep)
 
     def close(self) -> None:
@@ -154,6 +186,12 @@ class Checkpointer:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data_state))
         os.replace(partial, path)
+
+
+def _os_error_code(message: str) -> int | None:
+    """The errno in a tensorstore error message (``... [os_error_code='28']``), or None."""
+    match = re.search(r"os_error_code='(\d+)'", message)
+    return int(match.group(1)) if match else None
 
 
 def one_line(error: BaseException) -> str:

@@ -272,24 +272,60 @@ def validate(config: TrainConfig) -> None:
         value = getattr(b, name)
         check(value is None or value >= 0, f"bitflip.{name}", "a number >= 0 or none", value)
     check(b.base_seed is None or 0 <= b.base_seed, "bitflip.base_seed", "an integer >= 0 or none", b.base_seed)
+    check_bitflip_rules(config)
     check(c.keep > 0, "checkpoint.keep", "an integer > 0", c.keep)
     check(d.prefetch >= 1, "data.prefetch", "an integer >= 1", d.prefetch)
+    from jaxflip.data.sources import check_source
+
+    try:
+        check_source(d.dataset)
+    except ValueError as error:
+        raise ConfigError(f"data.dataset: {error}") from None
+
+
+def bitflip_section(config: TrainConfig) -> dict:
+    """``[bitflip]`` as ``jaxflip.bitflip.rules_file`` reads it: the set fields, less ``enable``."""
+    section = dataclasses.asdict(config.bitflip)
+    section.pop("enable")
+    return {key: value for key, value in section.items() if value is not None}
+
+
+def check_bitflip_rules(config: TrainConfig) -> None:
+    """The settings of every bitflip rule (probabilities, thresholds, seeds, regexes), checked
+    without the model; whether each pattern names a layer is checked when the model is built."""
+    if not config.bitflip.enable:
+        return
+    from jaxflip.bitflip.rules import parse_rules
+    from jaxflip.bitflip.rules_file import bitflip_section_to_rules
+
+    try:
+        parse_rules(bitflip_section_to_rules(bitflip_section(config))[0])
+    except ValueError as error:
+        raise ConfigError(f"bitflip{'.rules' if config.bitflip.rules is not None else ''}: {error}") from None
 
 
 def read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as text ({type(error).__name__}: {error})") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}  # safe_load: a !!python/... tag is an error, never code
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     else:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a table of sections, got a {type(raw).__name__}")
     return raw
 
 

@@ -218,3 +218,40 @@ def test_dcp_metadata_that_is_not_metadata_is_refused(small_dcp, tmp_path, capsy
     assert "holds a dict, not a Metadata" in fails(["titan-to-orbax", str(small_dcp), str(tmp_path / "dst")], capsys)
     (small_dcp / ".metadata").write_bytes(b"\x80\x04truncated")
     assert "cannot read the DCP metadata" in fails(["titan-to-orbax", str(small_dcp), str(tmp_path / "dst")], capsys)
+
+
+def safetensors_bytes(header, data: bytes = b"", length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("content, message", [
+    (safetensors_bytes({}, length=2**62), "a header of 4611686018427387904 bytes"),
+    (safetensors_bytes([1, 2]), "the header is a list"),
+    (safetensors_bytes({EMBEDDING: {"dtype": "F32", "shape": [2, 2]}}, bytes(16)), "no valid data_offsets"),
+    (safetensors_bytes({EMBEDDING: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 2**40]}}, bytes(16)),
+     "no valid data_offsets within the file's 16 data bytes"),
+    (safetensors_bytes({EMBEDDING: {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, bytes(16)),
+     "takes 16 bytes, not the"),
+    (safetensors_bytes({EMBEDDING: {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}, bytes(16)),
+     "no valid shape"),
+    (safetensors_bytes({EMBEDDING: [1]}), "header entry model.embed_tokens.weight is not a table"),
+])
+def test_absurd_safetensors_headers(hf_folder, tmp_path, capsys, content, message):
+    (hf_folder / "model.safetensors").write_bytes(content)
+    assert message in fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    assert nothing_written(tmp_path, "hf")
+
+
+def test_truncated_distcp(titan_dcp, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(titan_dcp, tmp_path / "step-10")
+    data = next(folder.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    error = fails(["titan-to-orbax", str(folder), str(tmp_path / "dst")], capsys)
+    assert "cannot read" in error
+    assert nothing_written(tmp_path, "step-10")

@@ -275,3 +275,11 @@ def test_probability_helpers_match_mase():
         assert jaxflip.calculate_flip_probability(h) == core.calculate_flip_probability(h)
     assert jaxflip.find_nearest_prob_n_halves(None) is None
     assert jaxflip.calculate_flip_probability(None) is None
+
+
+def test_subnormal_probabilities_have_halves_too():
+    """1 / p overflows below 2**-1024; the halves are still ceil(log2(1 / p))."""
+    assert jaxflip.find_nearest_prob_n_halves(5e-324) == 1074  # the smallest float64: 2**-1074
+    exponent = int(np.random.default_rng().integers(1025, 1073))  # 0.75 * 2**-exponent stays exact
+    assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent) == exponent
+    assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent * 0.75) == exponent + 1

@@ -139,3 +139,21 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_is_one_line(
         Checkpointer(tmp_path, keep=3, async_save=False).restore_latest(*abstract_and_shardings(state))
     assert "\n" not in str(raised.value)
     assert step_folders(tmp_path) == ["1"]
+
+
+def test_a_full_disk_is_one_os_error_naming_the_step_and_leaves_nothing_of_the_save(tmpfs):
+    """On a 1 MiB disk, a 4 MiB state: ENOSPC from tensorstore's writer thread."""
+    import errno
+
+    import pytest
+
+    output_dir = tmpfs(2**20)
+    checkpointer = Checkpointer(output_dir, keep=2, async_save=True)
+    state = {"w": jnp.asarray(np.random.default_rng().standard_normal(2**20), jnp.float32)}
+    with pytest.raises(OSError) as raised:
+        checkpointer.save(1, state, {"position": 1})
+        checkpointer.wait()
+    assert raised.value.errno == errno.ENOSPC and "checkpoint step 1 could not be saved" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert step_folders(output_dir) == [] and list((output_dir / "data_state").iterdir()) == []
+    checkpointer.close()

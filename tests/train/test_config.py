@@ -94,6 +94,11 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--training.weight_decay", "inf"], "training.weight_decay: expected a finite number >= 0, got inf"),
     (["--training.max_norm", "nan"], "training.max_norm: expected a finite number >= 0, got nan"),
     (["--lora.r", "4", "--lora.lora_alpha", "inf"], "lora.lora_alpha: expected a finite number > 0, got inf"),
+    (["--bitflip.rules", "{default: {x_p_exp: 1.5}}"],
+     "bitflip.rules: bitflip rule 'default': x_p_exp must be a probability in (0, 1) or None, got 1.5"),
+    (["--bitflip.rules", "{default: {x_p_exp: 1.5}}", "--print-config"], "bitflip.rules: bitflip rule 'default'"),
+    (["--bitflip.rules", "{'layers.(': {x_p_exp: 0.01}}"], "bitflip.rules: bitflip rule 'layers.(' is not a valid regex"),
+    (["--data.dataset", "data/absent.jsonl"], "data.dataset: data/absent.jsonl: no such file or folder"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
     code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
@@ -124,3 +129,26 @@ def test_a_resume_refuses_changes_to_the_model_data_or_flips_and_reports_the_oth
     assert "--job.start_over true" in message and "--job.resume_anyway true" in message and "training" not in message
     anyway = tiny_job(model={"vocab_size": vocab}, job={"resume_anyway": True})
     assert resume_changes(saved, anyway) == [f"model.vocab_size 4096 -> {vocab}"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- training\n- job\n", "expected a table of sections, got a list"),
+    ("training: {lr: [1\n", "not valid YAML: while parsing a flow sequence"),
+    ("training: !!python/object/apply:os.mkdir [marker]\n", "not valid YAML: could not determine a constructor"),
+])
+def test_bad_yaml_config_is_one_line_and_runs_nothing(text, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text(text)
+    code = main(["--config", "job.yaml", "--job.output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: job.yaml: {message}") and "\n" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_a_read_only_output_dir_is_one_line_and_exit_1(tmpfs, capsys):
+    read_only = tmpfs(2**20, read_only=True)
+    code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(read_only / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("error: [Errno 30] Read-only file system") and "\n" not in err
