@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxflip.cli import exit_status
 from jaxflip.convert.common import DTYPE_CHOICES, parse_size
 from jaxflip.models.flavors import FLAVORS
 
@@ -92,10 +93,6 @@ def run(args: argparse.Namespace) -> str:
                           overwrite=args.overwrite)
 
 
-# OSErrors that say the arguments are wrong, not the machine
-BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status: 0, or after an ``error:`` line 2 for bad input and 1
     for a fault of the environment (disk full, permissions)."""
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # ConversionError, the model's checks, paths, the disk
         # library messages can span lines; the contract is one line
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2 if isinstance(error, (ValueError, *BAD_PATH_ERRORS)) else 1
+        return exit_status(error)
     print(summary)
     return 0
 

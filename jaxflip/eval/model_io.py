@@ -3,9 +3,10 @@ bitflip rules of ``--bitflip-config`` applied to it."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-from jaxflip.bitflip import RuleTable, apply_bitflip_rules, named_linears
+from jaxflip.bitflip import RuleTable, apply_bitflip_rules, match_rules, named_linears
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.models import LlamaForCausalLM
 
@@ -50,10 +51,28 @@ class BitflipSetup:
                 "flipped_layers": [row.layer for row in self.table if row.flipped]}
 
 
-def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
-    """Configure ``model``'s flips from the file (its seeds start afresh)."""
-    rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=list(named_linears(model)))
-    table = apply_bitflip_rules(model, rules, seed_mode, base_seed)
+def resolve_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
+    """The file's rules matched to ``model``'s layers and checked; nothing is configured yet
+    (a command that runs clean first checks its rules with this before the clean pass)."""
+    layer_names = list(named_linears(model))
+    rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=layer_names)
+    table = match_rules(layer_names, rules, seed_mode, base_seed)
     if not any(row.flipped for row in table):
         raise ValueError(f"{path}: the bitflip rules flip no layer of this model")
     return BitflipSetup(path, rules, seed_mode, base_seed, table)
+
+
+def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
+    """Configure ``model``'s flips from the file (its seeds start afresh)."""
+    setup = resolve_bitflip_config(model, path)
+    apply_bitflip_rules(model, setup.rules, setup.seed_mode, setup.base_seed)
+    return setup
+
+
+def warn_beyond_positions(model: LlamaForCausalLM, seq_len: int) -> None:
+    """A note when sequences are longer than the positions the model was trained on (RoPE
+    then runs on positions it never saw: the numbers are not the model's usual ones)."""
+    positions = model.config.max_position_embeddings
+    if seq_len > positions:
+        print(f"warning: --seq-len {seq_len} is beyond the model's {positions} positions "
+              f"(max_position_embeddings); results past them are extrapolation", file=sys.stderr)

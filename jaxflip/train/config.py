@@ -273,6 +273,10 @@ def validate(config: TrainConfig) -> None:
         check(value is None or value >= 0, f"bitflip.{name}", "a number >= 0 or none", value)
     check(b.base_seed is None or 0 <= b.base_seed, "bitflip.base_seed", "an integer >= 0 or none", b.base_seed)
     check_bitflip_rules(config)
+    if not (m.hf_model_path or m.checkpoint):  # a model from weights: checked once they are read
+        from jaxflip.models import get_flavor
+
+        check_positions(t.seq_len, get_flavor(config.flavor).max_position_embeddings, f"flavor {config.flavor}")
     check(c.keep > 0, "checkpoint.keep", "an integer > 0", c.keep)
     check(d.prefetch >= 1, "data.prefetch", "an integer >= 1", d.prefetch)
     from jaxflip.data.sources import check_source
@@ -281,6 +285,14 @@ def validate(config: TrainConfig) -> None:
         check_source(d.dataset)
     except ValueError as error:
         raise ConfigError(f"data.dataset: {error}") from None
+
+
+def check_positions(seq_len: int, positions: int, model: str) -> None:
+    """Refuse sequences longer than the model's positions (``max_position_embeddings``): RoPE
+    would run on positions the model never saw, and the run would differ from what was asked."""
+    if seq_len > positions:
+        raise ConfigError(f"training.seq_len: {seq_len} is beyond the {positions} positions of the model "
+                          f"({model}); use seq_len <= {positions}")
 
 
 def bitflip_section(config: TrainConfig) -> dict:

@@ -16,7 +16,7 @@ from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
-from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section
+from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -88,6 +88,7 @@ def build_model(config: TrainConfig, mesh: Mesh):
         model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
                                                dtype=t.mixed_precision_param)
         check_mesh_fits(model.config, mesh)
+        check_positions(t.seq_len, model.config.max_position_embeddings, m.hf_model_path or m.checkpoint)
     else:
         changes = {"param_dtype": stored, "dtype": t.mixed_precision_param}
         if m.vocab_size:

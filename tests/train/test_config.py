@@ -99,6 +99,8 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--bitflip.rules", "{default: {x_p_exp: 1.5}}", "--print-config"], "bitflip.rules: bitflip rule 'default'"),
     (["--bitflip.rules", "{'layers.(': {x_p_exp: 0.01}}"], "bitflip.rules: bitflip rule 'layers.(' is not a valid regex"),
     (["--data.dataset", "data/absent.jsonl"], "data.dataset: data/absent.jsonl: no such file or folder"),
+    (["--training.seq_len", "4096"], "training.seq_len: 4096 is beyond the 2048 positions of the model "
+                                     "(flavor aixsim-debug)"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
     code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
