@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 
 from jaxflip.convert.common import (BFLOAT16, CheckpointSource, ConversionError, Progress, TensorSource,
                                     TorchFileSource, load_torch_file, resolve_dtype)
-from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_params, copy_tokenizer_files,
-                                       expected_params, tokenizer_path, write_aside)
+from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
+                                       copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.hf import llama_from_hf_state_dict
 from jaxflip.models.llama import LlamaForCausalLM
@@ -195,6 +195,7 @@ def open_hf(path_or_hub_id: str | os.PathLike, dtype: str) -> tuple[Path, Tensor
     hf_config = read_hf_config(folder)
     source = open_hf_weights(folder)
     names = parameter_names(source, tied=hf_config.get("tie_word_embeddings", False))
+    check_floating(folder, {name: source.dtypes[name] for name in names})
     config = llama_config(folder, hf_config, resolve_dtype(dtype, [source.dtypes[name] for name in names]))
     check_params(folder, {name: source.shapes[name] for name in names}, expected_params(config))
     return folder, source, config, names

@@ -37,8 +37,8 @@ import numpy as np
 
 from jaxflip.convert.common import (CheckpointSource, ConversionError, Progress, TensorSource, TorchFileSource,
                                     load_torch_file, numpy_dtype, numpy_to_torch, resolve_dtype, torch_to_numpy)
-from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_params, expected_params,
-                                       write_aside)
+from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
+                                       expected_params, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.flavors import FLAVORS, get_flavor
 
@@ -279,6 +279,7 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
         shapes.pop("lm_head.weight", None)
         titan_names.pop("lm_head.weight", None)
     check_params(src, shapes, expected_params(llama))
+    check_floating(src, {hf: source.dtypes[name] for hf, name in titan_names.items()})
     with (Progress(len(titan_names), f"titan-to-orbax {param_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
         writer = CheckpointWriter(staging, llama, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)

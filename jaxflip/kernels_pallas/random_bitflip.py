@@ -82,6 +82,10 @@ def check_seed(name: str, seed) -> None:
     dtype = getattr(seed, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or getattr(seed, "ndim", 0) != 0:
         raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
+    # a concrete JAX scalar is held to the same range (a traced one cannot be read): out of it,
+    # it would wrap to another seed as uint32
+    if not isinstance(seed, jax.core.Tracer) and not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{name} must satisfy 0 <= seed < 2**31 - 8 (mase-triton's exact range), got {seed!r}")
 
 
 def advance_seed(seed, halves: int | None):
@@ -171,7 +175,9 @@ def random_bitflip(
     config = FlipConfig(exp_halves, frac_halves, zero_out_threshold, backend,
                         sharding if backend != "jnp" else None)
     seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
-    y = _flip(x, seeds, config)
+    # called eagerly (outside jit), the op would run primitive by primitive, each materializing
+    # a full-size array: one compiled function per configuration instead
+    y = (_flip if isinstance(x, jax.core.Tracer) else _flip_compiled)(x, seeds, config)
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
@@ -257,3 +263,6 @@ def _flip_bwd(config: FlipConfig, keep, grad_y):
 
 
 _flip.defvjp(_flip_fwd, _flip_bwd)
+
+
+_flip_compiled = jax.jit(_flip, static_argnums=2)  # compiled once per FlipConfig, shape and dtype

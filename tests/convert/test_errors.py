@@ -255,3 +255,16 @@ def test_truncated_distcp(titan_dcp, tmp_path, capsys):
     error = fails(["titan-to-orbax", str(folder), str(tmp_path / "dst")], capsys)
     assert "cannot read" in error
     assert nothing_written(tmp_path, "step-10")
+
+
+def test_an_integer_weight_is_refused_not_cast(hf_folder, tmp_path, capsys):
+    rng = np.random.default_rng()
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def to_integers(weights):
+        weights[name] = rng.integers(-100, 100, weights[name].shape, dtype=np.int32)
+
+    edit_weights(hf_folder, to_integers)
+    error = fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    assert f"{name} hold int32 values, not floating point" in error
+    assert nothing_written(tmp_path, "hf")

@@ -2,6 +2,7 @@
 natively on GPU), between its own backends, and against its contract."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +258,9 @@ def test_sharded_pallas_kernel_equals_unsharded():
         (lambda x: jaxflip.random_bitflip(x, 2, 2, -1, 0), ValueError, "seed_exp must satisfy"),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, 2**31 - 8), ValueError, "seed_frac must satisfy"),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0.5, 0), TypeError, "seed_exp must be an int"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, jnp.int32(-1), 0), ValueError, "seed_exp must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.int32(2**31 - 2)), ValueError, "seed_frac must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.uint32(2**32 - 1)), ValueError, "seed_frac must satisfy"),
         (lambda x: jaxflip.find_nearest_prob_n_halves(1.0), ValueError, "in \\(0, 1\\)"),
         (lambda x: jaxflip.find_nearest_prob_n_halves(0.0), ValueError, "in \\(0, 1\\)"),
     ],
@@ -283,3 +287,27 @@ def test_subnormal_probabilities_have_halves_too():
     exponent = int(np.random.default_rng().integers(1025, 1073))  # 0.75 * 2**-exponent stays exact
     assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent) == exponent
     assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent * 0.75) == exponent + 1
+
+
+def test_an_eager_call_runs_compiled_within_2x_of_the_jitted_call():
+    """Outside jit the op would run primitive by primitive (two orders of magnitude slower, a
+    full-size array per primitive); after its first call an eager call costs what a jitted one does."""
+    import time
+
+    x = jnp.asarray(random_input((2**20,), "float32", seed=int(np.random.default_rng().integers(1000))))
+    flip = partial(jaxflip.random_bitflip, exp_halves=3, frac_halves=2, seed_exp=5, seed_frac=9,
+                   zero_out_threshold=30.0, backend="jnp")
+    jitted = jax.jit(lambda x: flip(x)[0])
+
+    def best_time(call):
+        call(x).block_until_ready()  # compiles
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            call(x).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    eager_y = flip(x)[0]
+    np.testing.assert_array_equal(bits(eager_y), bits(jitted(x)))
+    assert best_time(lambda x: flip(x)[0]) < 2 * best_time(jitted) + 0.01
