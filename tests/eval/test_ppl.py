@@ -20,19 +20,24 @@ from jaxflip.kernels_pallas import calculate_flip_probability
 mase_reference.install_cpu_kernels()
 
 SEQ_LEN, SEQUENCES, BATCH = 32, 4, 2
+# Fraction flips on weights only. The two frameworks' float32 activations differ in the last bits
+# (about 9 in 10 elements of layer 1's MLP inputs), and XOR amplifies that when the two values
+# differ in a run of low bits (0111.. vs 1000..): with activation fraction flips the
+# bitflip-section case failed once in five full runs. Weights are copied bit for bit, so their
+# fraction flips agree exactly; activation fraction flips are checked on identical inputs in
+# tests/bitflip/test_linear_parity.py and tests/kernels_pallas/test_random_bitflip.py.
 RULES_YAML = """
 model\\.layers\\.1\\.mlp\\.(gate|up)_proj:
-  {x_p_exp: 0.001953125, x_p_frac: 0.00048828125, x_zero_out_t: 20.0, w_p_exp: 0.00390625,
+  {x_p_exp: 0.001953125, x_p_frac: null, x_zero_out_t: 20.0, w_p_exp: 0.00390625,
    w_p_frac: 0.0009765625, w_zero_out_t: 0.5, x_seed_exp: 11, x_seed_frac: 3, w_seed_exp: 5, w_seed_frac: 1}
 model\\.layers\\.0\\..*: null  # layer 0 stays clean: fewer flipped layers compile quicker
 default:
-  {x_p_exp: 0.0009765625, x_p_frac: 0.0009765625, x_zero_out_t: 50.0, w_p_exp: 0.0009765625,
+  {x_p_exp: 0.0009765625, x_p_frac: null, x_zero_out_t: 50.0, w_p_exp: 0.0009765625,
    w_p_frac: 0.0009765625, w_zero_out_t: 1.0}
 """
 SECTION_TOML = """
 [bitflip]
 x_p_exp = 0.0009765625
-x_p_frac = 0.0009765625
 x_zero_out_t = 50.0
 w_p_exp = 0.0009765625
 w_p_frac = 0.0009765625
