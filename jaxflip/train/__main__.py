@@ -43,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
             args.config = QUICKSTART
         config = load_config(args.config, overrides)
         if args.print_config:
+            import jax
+
             from jaxflip.train.loop import derived_numbers
+            from jaxflip.train.setup import mesh_mismatch
 
             print(json.dumps(to_dict(config) | {"derived": derived_numbers(config)}, indent=1, default=str))
+            if (mismatch := mesh_mismatch(config, jax.device_count())) is not None:
+                print(f"warning: training would stop at once: {mismatch}", file=sys.stderr)
             return 0
         from jaxflip.train.loop import run
 
