@@ -47,14 +47,14 @@ def resolve_hf_folder(path_or_hub_id: str | os.PathLike) -> Path:
         raise ConversionError(f"{path}: no such file or folder")
     from huggingface_hub import snapshot_download
 
+    from jaxflip.data.sources import hub_failure
+
     try:
         folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_FILES))
         if not any(folder.glob("*.safetensors")):  # an older repository: torch.save weights only
             folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=["pytorch_model*.bin"]))
     except Exception as error:  # noqa: BLE001 (network, authentication, unknown repository: all end the same way)
-        reason = " ".join(str(error).split())[:200]
-        raise ConversionError(f"{path_or_hub_id}: no such folder, and downloading it from the Hugging Face Hub "
-                              f"failed ({type(error).__name__}: {reason})") from None
+        raise hub_failure(str(path_or_hub_id), error) from None
     return folder
 
 

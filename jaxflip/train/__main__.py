@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxflip.data.sources import HubUnavailableError
 from jaxflip.train.config import ConfigError, load_config, to_dict
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except HubUnavailableError as error:  # a hub tokenizer or model offline: the environment, not the config
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if not summary["finished"]:
         print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")
     return 0
