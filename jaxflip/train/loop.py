@@ -149,14 +149,17 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 step += 1
                 if progress is not None:
                     progress.update(1)
-                if step % t.log_freq == 0 or step == t.steps or stop.requested:
+                first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
+                if first or step % t.log_freq == 0 or step == t.steps or stop.requested:
                     metrics = jax.device_get(metrics)
                     now = time.perf_counter()
-                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                    tokens_per_s = None if first else (step - last_log_step) * tokens_per_step / (now - last_log_time)
                     record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * flops / (peak * devices) if peak else None,
+                              "mfu": tokens_per_s * flops / (peak * devices) if peak and not first else None,
                               "memory_gib": device_memory_gib(), "unix_time": time.time()}
+                    if first:
+                        record["first_step_s"] = now - last_log_time
                     last_log_step, last_log_time = step, now
                     logger.log(record)
                     if progress is not None:
