@@ -3,6 +3,7 @@ bitflip rules of ``--bitflip-config`` applied to it."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from jaxflip.bitflip import RuleTable, apply_bitflip_rules, named_linears
@@ -54,6 +55,10 @@ def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
     """Configure ``model``'s flips from the file (its seeds start afresh)."""
     rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=list(named_linears(model)))
     table = apply_bitflip_rules(model, rules, seed_mode, base_seed)
-    if not any(row.flipped for row in table):
+    flipped = sum(row.flipped for row in table)
+    if not flipped:
         raise ValueError(f"{path}: the bitflip rules flip no layer of this model")
+    # said at once: compiling every flip site's Philox makes the first forward the slow one
+    print(f"bitflip: {flipped} of {len(table)} Linear layers flip; the first forward compiles their flips, "
+          f"which can take minutes on a CPU", file=sys.stderr, flush=True)
     return BitflipSetup(path, rules, seed_mode, base_seed, table)

@@ -100,8 +100,8 @@ def test_clean_perplexity_equals_transformers_loss(checkpoint, tmp_path):
 @pytest.mark.parametrize("config_name, config_text, seed_mode, base_seed", [
     ("rules.yaml", RULES_YAML, "reference", 0), ("train.toml", SECTION_TOML, "independent", 7),
 ], ids=["regex-rules", "bitflip-section"])
-def test_bitflip_row_equals_hf_model_under_mase_layers(checkpoint, tmp_path, config_name, config_text, seed_mode,
-                                                       base_seed):
+def test_bitflip_row_equals_hf_model_under_mase_layers(checkpoint, tmp_path, capsys, config_name, config_text,
+                                                       seed_mode, base_seed):
     path, hf_model = checkpoint
     config = tmp_path / config_name
     config.write_text(config_text)
@@ -112,7 +112,11 @@ def test_bitflip_row_equals_hf_model_under_mase_layers(checkpoint, tmp_path, con
     mase_transform(hf_model, rules, seed_mode, base_seed)
     bitflip_loss = hf_mean_cross_entropy(hf_model, tokens)
 
+    capsys.readouterr()
     result = run_ppl(path, tmp_path, "--bitflip-config", str(config))
+    progress = capsys.readouterr().err  # said before the slow first forward, then per batch
+    assert "Linear layers flip; the first forward compiles their flips" in progress
+    assert "ppl clean: 100%" in progress and "ppl bitflip: 100%" in progress and f"{SEQUENCES}/{SEQUENCES}" in progress
     clean, bitflip = result["rows"]
     assert clean["loss"] == pytest.approx(clean_loss, rel=1e-5)
     assert bitflip["loss"] == pytest.approx(bitflip_loss, rel=1e-4)
