@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from jaxflip.convert.common import DTYPE_CHOICES, parse_size
+from jaxflip.models.checkpoint import DestinationExistsError
 from jaxflip.models.flavors import FLAVORS
 
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
+    except DestinationExistsError as error:
+        print(f"error: {error.path} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as error:  # ConversionError, the model's checks, missing or existing paths
         # library messages can span lines; the contract is one line
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -252,6 +252,18 @@ def hf_config_dict(config: LlamaConfig, dtype: str) -> dict:
     }
 
 
+def special_token_ids(tokenizer_dir: Path | None) -> dict:
+    """``bos_token_id`` and ``eos_token_id`` for ``config.json``, from the checkpoint's
+    tokenizer (a jaxflip checkpoint keeps them nowhere else; transformers' ``generate`` reads
+    them from the config); none without a tokenizer."""
+    if tokenizer_dir is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
 class SafetensorsShardWriter:
     """Writes tensors into ``model-0000i-of-0000N.safetensors`` files of about
     ``max_shard_bytes`` and their ``model.safetensors.index.json`` (one ``model.safetensors``
@@ -307,7 +319,8 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             writer.add(name, array)
             progress.update(array)
         writer.finish()
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(source.config, out_dtype), indent=2))
+        config = hf_config_dict(source.config, out_dtype) | special_token_ids(tokenizer_path(src))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_path(src) is not None:
             copy_tokenizer_files(tokenizer_path(src), staging)
     return progress.summary()

@@ -189,7 +189,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
     if config.metrics.plot:
         plot = logger.plot()
-        summary["loss_png"] = None if plot is None else str(plot)
+        summary["loss_png"] = None if plot is None else str(plot.absolute())
     if main_process:
         print(json.dumps(summary), flush=True)
     return summary

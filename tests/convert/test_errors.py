@@ -110,7 +110,8 @@ def test_non_llama_architecture(hf_folder, tmp_path, capsys):
 def test_existing_destination_is_left_alone(hf_folder, tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("mine")
-    assert "exists" in fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    error = fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    assert error == f"error: {tmp_path / 'dst'} exists; pass --overwrite to replace it"  # the CLI's flag
     assert [path.name for path in (tmp_path / "dst").iterdir()] == ["keep.txt"]
 
 
