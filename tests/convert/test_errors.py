@@ -59,7 +59,10 @@ def test_hub_id_that_cannot_be_downloaded(tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in CI
-    error = fails(["hf-to-orbax", "no-such-org/no-such-model", str(tmp_path / "dst")], capsys)
+    capsys.readouterr()
+    assert main(["hf-to-orbax", "no-such-org/no-such-model", str(tmp_path / "dst")]) == 1  # the network, not the input
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
     assert error.endswith("the hub cannot be reached (HF_HUB_OFFLINE is set); download it once online or pass a "
                           "local folder")
     assert nothing_written(tmp_path)
