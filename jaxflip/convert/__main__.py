@@ -13,6 +13,7 @@ import sys
 
 from jaxflip.cli import exit_status
 from jaxflip.convert.common import DTYPE_CHOICES, parse_size
+from jaxflip.models.checkpoint import DestinationExistsError
 from jaxflip.models.flavors import FLAVORS
 
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
+    except DestinationExistsError as error:
+        print(f"error: {error.path} exists; pass --overwrite to replace it", file=sys.stderr)
+        return exit_status(error)
     except (ValueError, OSError) as error:  # ConversionError, the model's checks, paths, the disk
         # library messages can span lines; the contract is one line
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)

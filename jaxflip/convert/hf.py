@@ -48,14 +48,14 @@ def resolve_hf_folder(path_or_hub_id: str | os.PathLike) -> Path:
         raise ConversionError(f"{path}: no such file or folder")
     from huggingface_hub import snapshot_download
 
+    from jaxflip.data.sources import hub_failure
+
     try:
         folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_FILES))
         if not any(folder.glob("*.safetensors")):  # an older repository: torch.save weights only
             folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=["pytorch_model*.bin"]))
     except Exception as error:  # noqa: BLE001 (network, authentication, unknown repository: all end the same way)
-        reason = " ".join(str(error).split())[:200]
-        raise ConversionError(f"{path_or_hub_id}: no such folder, and downloading it from the Hugging Face Hub "
-                              f"failed ({type(error).__name__}: {reason})") from None
+        raise hub_failure(str(path_or_hub_id), error) from None
     return folder
 
 
@@ -283,6 +283,18 @@ def hf_config_dict(config: LlamaConfig, dtype: str) -> dict:
     }
 
 
+def special_token_ids(tokenizer_dir: Path | None) -> dict:
+    """``bos_token_id`` and ``eos_token_id`` for ``config.json``, from the checkpoint's
+    tokenizer (a jaxflip checkpoint keeps them nowhere else; transformers' ``generate`` reads
+    them from the config); none without a tokenizer."""
+    if tokenizer_dir is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
 class SafetensorsShardWriter:
     """Writes tensors into ``model-0000i-of-0000N.safetensors`` files of about
     ``max_shard_bytes`` and their ``model.safetensors.index.json`` (one ``model.safetensors``
@@ -338,7 +350,8 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             writer.add(name, array)
             progress.update(array)
         writer.finish()
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(source.config, out_dtype), indent=2))
+        config = hf_config_dict(source.config, out_dtype) | special_token_ids(tokenizer_path(src))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_path(src) is not None:
             copy_tokenizer_files(tokenizer_path(src), staging)
     return progress.summary()

@@ -101,13 +101,60 @@ def _text_column(dataset, text_field: str, source: str):
     return dataset.select_columns(["text"]) if columns is not None else dataset
 
 
+class HubUnavailableError(OSError):
+    """Files that are neither local nor to be had from the Hugging Face Hub (offline and not
+    cached, an unknown or gated name); the message is one line that says which and what to do."""
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error``, or one of the errors it was raised from, says the hub could not be
+    reached (no network, ``HF_HUB_OFFLINE``) and the files are not in the local cache."""
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:  # transformers' chains can loop
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.NetworkError,
+                              httpx.TimeoutException)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def hub_failure(name: str, error: BaseException) -> HubUnavailableError:
+    """One line on why ``name`` could not be loaded from the hub: offline and not cached (with
+    what to do), or the hub's own answer (unknown name, gated model...), whitespace collapsed."""
+    from huggingface_hub import constants
+
+    if _hub_unreachable(error):
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection"
+        return HubUnavailableError(
+            f"{name}: not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub "
+            f"cannot be reached ({how}); download it once online or pass a local folder")
+    return HubUnavailableError(f"{name}: not a local folder, and the Hugging Face Hub says: "
+                               f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """A ``transformers`` tokenizer by hub name or local path; ``"builtin"`` is the shipped one."""
+    """A ``transformers`` tokenizer by hub name or local path; ``"builtin"`` is the shipped one.
+    A hub name is read from the local cache when it is there (no network call, so no retries
+    offline); one that cannot be had raises ``HubUnavailableError`` (one line)."""
     from transformers import AutoTokenizer
 
     if str(name_or_path) == BUILTIN_TOKENIZER:
         name_or_path = builtin_tokenizer_dir()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if Path(name_or_path).exists():
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
+        except OSError:  # not cached: ask the hub
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise hub_failure(str(name_or_path), error) from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token, which packing appends to every document")
     return tokenizer

@@ -66,6 +66,9 @@ def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
     """Configure ``model``'s flips from the file (its seeds start afresh)."""
     setup = resolve_bitflip_config(model, path)
     apply_bitflip_rules(model, setup.rules, setup.seed_mode, setup.base_seed)
+    # said at once: compiling every flip site's Philox makes the first forward the slow one
+    print(f"bitflip: {sum(row.flipped for row in setup.table)} of {len(setup.table)} Linear layers flip; the first "
+          f"forward compiles their flips, which can take minutes on a CPU", file=sys.stderr, flush=True)
     return setup
 
 

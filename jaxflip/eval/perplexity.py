@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
 from jaxflip.eval.model_io import (apply_bitflip_config, open_model, open_tokenizer, resolve_bitflip_config,
@@ -57,9 +58,10 @@ def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> P
     per forward (flips are keyed on the batch's layout, so the batch size is part of a
     bitflip result)."""
     total = 0.0
-    with on_model_mesh(model):
+    with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq") as progress:
         for start in range(0, len(windows), batch_size):
             total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
+            progress.update(len(windows[start:start + batch_size]))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens
     return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))

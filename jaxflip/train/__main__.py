@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxflip.data.sources import HubUnavailableError
 from jaxflip.train.config import ConfigError, load_config, to_dict
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
@@ -51,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             args.config = QUICKSTART
         config = load_config(args.config, overrides)
         if args.print_config:
+            import jax
+
             from jaxflip.train.loop import derived_numbers
+            from jaxflip.train.setup import mesh_mismatch
 
             print(json.dumps(to_dict(config) | {"derived": derived_numbers(config)}, indent=1, default=str))
+            if (mismatch := mesh_mismatch(config, jax.device_count())) is not None:
+                print(f"warning: training would stop at once: {mismatch}", file=sys.stderr)
             return 0
         from jaxflip.train.loop import run
 
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except HubUnavailableError as error:  # a hub tokenizer or model offline: the environment, not the config
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

@@ -188,17 +188,20 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 if progress is not None:
                     progress.update(1)
                 saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
-                log_step = step % t.log_freq == 0 or step == t.steps or stop.requested
+                first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
+                log_step = first or step % t.log_freq == 0 or step == t.steps or stop.requested
                 if log_step or saving:  # the loss is fetched (a host sync) only where it is logged or saved
                     metrics = jax.device_get(metrics)
                     check_finite(step, metrics, checkpointer)
                 if log_step:
                     now = time.perf_counter()
-                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                    tokens_per_s = None if first else (step - last_log_step) * tokens_per_step / (now - last_log_time)
                     record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * flops / (peak * devices) if peak else None,
+                              "mfu": tokens_per_s * flops / (peak * devices) if peak and not first else None,
                               "memory_gib": device_memory_gib(), "unix_time": time.time()}
+                    if first:
+                        record["first_step_s"] = now - last_log_time
                     last_log_step, last_log_time = step, now
                     logger.log(record)
                     if progress is not None:
@@ -228,7 +231,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
     if config.metrics.plot:
         plot = logger.plot()
-        summary["loss_png"] = None if plot is None else str(plot)
+        summary["loss_png"] = None if plot is None else str(plot.absolute())
     if main_process:
         print(json.dumps(summary), flush=True)
     return summary

@@ -40,16 +40,33 @@ def initialize_distributed(config: TrainConfig) -> None:
                           f"exports it)")
 
 
+def mesh_degrees(config: TrainConfig, devices: int) -> tuple[int, int]:
+    """``(dp, fsdp)`` as the config asks for them on ``devices`` devices (``fsdp_degree`` -1:
+    every device ``data_parallel_replicate_degree`` leaves)."""
+    p = config.parallelism
+    dp = p.data_parallel_replicate_degree
+    return dp, p.fsdp_degree if p.fsdp_degree != -1 else devices // dp
+
+
+def mesh_mismatch(config: TrainConfig, devices: int) -> str | None:
+    """Why the config's mesh does not cover exactly ``devices`` devices, with the flags that
+    make it do so, or None when it does (a run must use every visible device, as torchrun's
+    world size must match the reference's mesh)."""
+    dp, fsdp = mesh_degrees(config, devices)
+    if dp * fsdp == devices:
+        return None
+    fix = "--parallelism.fsdp_degree -1" + ("" if devices % dp == 0 else " --parallelism.data_parallel_replicate_degree 1")
+    return (f"parallelism.fsdp_degree: {fsdp} x data_parallel_replicate_degree {dp} = {dp * fsdp} devices, but "
+            f"{devices} are visible ({jax.devices()[0].platform}); pass {fix} to use {'it' if devices == 1 else 'all'}")
+
+
 def build_mesh(config: TrainConfig) -> Mesh:
     """A ``(dp, fsdp)`` mesh over every visible device; a config that does not cover exactly
-    those devices is an error (as torchrun's world size must match the reference's mesh)."""
-    p = config.parallelism
+    those devices is an error that names the flag to pass."""
     devices = jax.device_count()
-    dp = p.data_parallel_replicate_degree
-    fsdp = p.fsdp_degree if p.fsdp_degree != -1 else devices // dp
-    if dp * fsdp != devices:
-        raise ConfigError(f"parallelism.fsdp_degree: {fsdp} x data_parallel_replicate_degree {dp} = {dp * fsdp} "
-                          f"devices, but {devices} are visible ({jax.devices()[0].platform})")
+    if (mismatch := mesh_mismatch(config, devices)) is not None:
+        raise ConfigError(mismatch)
+    dp, fsdp = mesh_degrees(config, devices)
     return make_mesh(dp=dp, fsdp=fsdp)
 
 

@@ -59,8 +59,12 @@ def test_hub_id_that_cannot_be_downloaded(tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in CI
-    error = fails(["hf-to-orbax", "no-such-org/no-such-model", str(tmp_path / "dst")], capsys)
-    assert "downloading it from the Hugging Face Hub failed" in error
+    capsys.readouterr()
+    assert main(["hf-to-orbax", "no-such-org/no-such-model", str(tmp_path / "dst")]) == 1  # the network, not the input
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    assert error.endswith("the hub cannot be reached (HF_HUB_OFFLINE is set); download it once online or pass a "
+                          "local folder")
     assert nothing_written(tmp_path)
 
 
@@ -109,7 +113,8 @@ def test_non_llama_architecture(hf_folder, tmp_path, capsys):
 def test_existing_destination_is_left_alone(hf_folder, tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("mine")
-    assert "exists" in fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    error = fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
+    assert error == f"error: {tmp_path / 'dst'} exists; pass --overwrite to replace it"  # the CLI's flag
     assert [path.name for path in (tmp_path / "dst").iterdir()] == ["keep.txt"]
 
 
