@@ -147,3 +147,16 @@ def test_bad_rule_gives_one_line_error(checkpoint, tmp_path, capsys):
                  "--bitflip-config", str(config)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "x_p_exp must be a probability in (0, 1)" in error
+
+
+@pytest.mark.parametrize("seq_len", [None, 300])
+def test_sequence_length_defaults_to_the_models_positions_and_a_longer_one_is_said(checkpoint, tmp_path, capsys,
+                                                                                  seq_len):
+    path, hf_model = checkpoint
+    positions = hf_model.config.max_position_embeddings  # 256, below the 2048 cap
+    output = tmp_path / "ppl.json"
+    extra = [] if seq_len is None else ["--seq-len", str(seq_len)]
+    assert main(["ppl", "--checkpoint", path, "--num-sequences", "1", "--output", str(output), *extra]) == 0
+    assert json.loads(output.read_text())["seq_len"] == (seq_len or positions)
+    note = f"note: --seq-len {seq_len} is longer than the model's max_position_embeddings {positions}"
+    assert (note in capsys.readouterr().err) == (seq_len is not None)
