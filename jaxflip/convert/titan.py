@@ -27,6 +27,7 @@ NewComputeBench's torchtitan-to-HF conversion, and torchtitan's own state-dict a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -37,8 +38,9 @@ import numpy as np
 
 from jaxflip.convert.common import (CheckpointSource, ConversionError, Progress, TensorSource, TorchFileSource,
                                     load_torch_file, numpy_dtype, numpy_to_torch, resolve_dtype, torch_to_numpy)
+from jaxflip.convert.hf import has_tokenizer, hf_config_dict, special_token_ids
 from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
-                                       expected_params, write_aside)
+                                       copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.flavors import FLAVORS, get_flavor
 
@@ -233,8 +235,9 @@ def open_titan(src: str | os.PathLike) -> TensorSource:
 
 
 def flavor_from_shapes(shapes: dict[str, tuple]) -> str:
-    """The one flavor whose shapes these are (HF names): vocabulary, widths, depth, q and kv
-    widths, tied head or not."""
+    """The one flavor whose shapes these are (HF names): widths, depth, q and kv widths, tied
+    head or not. The vocabulary is not compared: torchtitan takes it from the tokenizer, and
+    ``titan_to_orbax`` takes it from the embedding."""
     try:
         vocab, hidden = shapes["model.embed_tokens.weight"]
         found = (vocab, hidden, shapes["model.layers.0.mlp.gate_proj.weight"][0],
@@ -245,8 +248,8 @@ def flavor_from_shapes(shapes: dict[str, tuple]) -> str:
         raise ConversionError(f"cannot tell the flavor: no {error.args[0]} among the tensors; "
                               f"pass --flavor or --config") from None
     matches = [name for name, c in FLAVORS.items()
-               if (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads * c.head_dim,
-                   c.num_key_value_heads * c.head_dim, c.tie_word_embeddings) == found]
+               if (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads * c.head_dim,
+                   c.num_key_value_heads * c.head_dim, c.tie_word_embeddings) == found[1:]]
     if len(matches) != 1:
         what = f"several flavors ({', '.join(matches)})" if matches else "no known flavor"
         raise ConversionError(f"the shapes (vocab {vocab}, dim {hidden}, {found[3]} layers, ffn {found[2]}) match {what}; "
@@ -258,10 +261,18 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
                    config: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
                    dtype: str = "keep", overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     """Convert a torchtitan checkpoint into a jaxflip checkpoint at ``dst``. The model is the
-    named ``flavor``, or the HF ``config.json`` at ``config``, or else the one flavor with
-    these shapes. ``tokenizer_dir``: tokenizer files to bundle. Returns the summary line."""
+    named ``flavor``, or the HF ``config.json`` at ``config``, or the ``config.json`` beside the
+    DCP files (``orbax_to_titan`` writes one), or else the one flavor with these shapes; with a
+    flavor, the vocabulary is the embedding's (torchtitan's comes from its tokenizer).
+    ``tokenizer_dir``: tokenizer files to bundle (default: those beside the DCP files, if any).
+    Returns the summary line."""
     if flavor is not None and config is not None:
         raise ConversionError("pass --flavor or --config, not both")
+    beside = Path(src) if Path(src).is_dir() else None
+    if config is None and flavor is None and beside is not None and (beside / "config.json").is_file():
+        config = beside / "config.json"
+    if tokenizer_dir is None and beside is not None and has_tokenizer(beside):
+        tokenizer_dir = beside
     source = open_titan(src)
     # an unknown key keeps its torchtitan name, so that the shape check reports it
     titan_names = {hf_name(name) or name: name for name in source.shapes}
@@ -273,7 +284,8 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
         except (OSError, KeyError, TypeError, ValueError) as error:
             raise ConversionError(f"{config}: not a usable HF Llama config ({type(error).__name__}: {error})") from None
     else:
-        llama = get_flavor(flavor or flavor_from_shapes(shapes), param_dtype=param_dtype)
+        vocab = {"vocab_size": shapes["model.embed_tokens.weight"][0]} if "model.embed_tokens.weight" in shapes else {}
+        llama = get_flavor(flavor or flavor_from_shapes(shapes), param_dtype=param_dtype, **vocab)
     if llama.tie_word_embeddings:
         # torchtitan's state dict names the tied head as well; it repeats the embedding
         shapes.pop("lm_head.weight", None)
@@ -299,7 +311,9 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
                    key_names: str = "torchtitan", overwrite: bool = False) -> str:
     """Convert a jaxflip checkpoint into a torchtitan DCP folder of model weights (as
     torchtitan writes them with ``last_save_model_only``), in the ``key_names`` naming
-    (``torchtitan``: 0.3, ``legacy``: NewComputeBench's). Returns the summary line."""
+    (``torchtitan``: 0.3, ``legacy``: NewComputeBench's), with the model's HF ``config.json``
+    and the checkpoint's tokenizer files beside them, so that ``titan_to_orbax`` (or a
+    torchtitan job's ``hf_assets_path``) reads the folder alone. Returns the summary line."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -339,4 +353,8 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
         # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed
         writer = dcp.FileSystemWriter(staging, single_file_per_rank=False, thread_count=1)
         dcp.save(layout, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
+        hf_config = hf_config_dict(llama, out_dtype) | special_token_ids(tokenizer_path(src))
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer_path(src) is not None:
+            copy_tokenizer_files(tokenizer_path(src), staging)
     return progress.summary()

@@ -71,11 +71,3 @@ def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
           f"forward compiles their flips, which can take minutes on a CPU", file=sys.stderr, flush=True)
     return setup
 
-
-def warn_beyond_positions(model: LlamaForCausalLM, seq_len: int) -> None:
-    """A note when sequences are longer than the positions the model was trained on (RoPE
-    then runs on positions it never saw: the numbers are not the model's usual ones)."""
-    positions = model.config.max_position_embeddings
-    if seq_len > positions:
-        print(f"warning: --seq-len {seq_len} is beyond the model's {positions} positions "
-              f"(max_position_embeddings); results past them are extrapolation", file=sys.stderr)

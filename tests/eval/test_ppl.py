@@ -162,10 +162,15 @@ def test_a_rule_that_fits_no_layer_fails_before_the_clean_pass(checkpoint, tmp_p
     assert error.count("\n") == 1 and "matches no layer" in error
 
 
-def test_a_seq_len_beyond_the_model_positions_is_warned_about(checkpoint, capsys):
-    from jaxflip.models import load
 
-    path, _ = checkpoint
-    positions = load(path).config.max_position_embeddings
-    assert main(["ppl", "--checkpoint", path, "--seq-len", str(positions + 1), "--num-sequences", "1"]) == 0
-    assert f"--seq-len {positions + 1} is beyond the model's {positions} positions" in capsys.readouterr().err
+@pytest.mark.parametrize("seq_len", [None, 300])
+def test_sequence_length_defaults_to_the_models_positions_and_a_longer_one_is_said(checkpoint, tmp_path, capsys,
+                                                                                  seq_len):
+    path, hf_model = checkpoint
+    positions = hf_model.config.max_position_embeddings  # 256, below the 2048 cap
+    output = tmp_path / "ppl.json"
+    extra = [] if seq_len is None else ["--seq-len", str(seq_len)]
+    assert main(["ppl", "--checkpoint", path, "--num-sequences", "1", "--output", str(output), *extra]) == 0
+    assert json.loads(output.read_text())["seq_len"] == (seq_len or positions)
+    note = f"note: --seq-len {seq_len} is longer than the model's max_position_embeddings {positions}"
+    assert (note in capsys.readouterr().err) == (seq_len is not None)
