@@ -96,6 +96,42 @@ def test_scanned_layers_train_as_the_loop_does(tiny_job, lora):
     assert {path[2] for path in advanced} == {0, 1}, "every layer's down_proj should flip"
 
 
+def executed_count(jaxpr, primitive: str) -> int:
+    """How many times ``primitive`` runs when ``jaxpr`` runs: equations in nested jaxprs
+    (jit, remat, custom rules), those in a scan body times its length."""
+    from jax.extend.core import jaxprs_in_params
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            total += 1
+            continue
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        total += repeat * sum(executed_count(sub, primitive) for sub in jaxprs_in_params(eqn.params))
+    return total
+
+
+@pytest.mark.parametrize("remat,lora,flips_per_tensor", [("full", 0, 2), ("flips", 0, 1), ("dots_flips", 4, 1)])
+def test_each_flipped_tensor_is_flipped_once_per_micro_batch(tiny_job, monkeypatch, remat, lora, flips_per_tensor):
+    """Kernel launches in one optimizer step (scanned layers, two micro-batches): one per flipped
+    tensor and micro-batch; "full" remat flips again in the recomputation, "flips" does not."""
+    monkeypatch.setenv("JAXFLIP_BITFLIP_BACKEND", "interpret")  # one pallas_call per flip, to count
+    config = tiny_job(bitflip={"rules": EVERY_DOWN_PROJ}, model={"remat": remat}, lora={"r": lora, "lora_alpha": 8.0})
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    model, _ = setup.build_model(config, mesh)
+    setup.apply_bitflip(config, model)
+    tx = make_optimizer(config.training)
+    graphdef, state, shardings, scanned = init_state(model, tx, mesh, lora=lora > 0)
+    step = make_train_step(graphdef, tx, config.training, shardings, batch_sharding(mesh))
+    batch = jax.ShapeDtypeStruct((config.training.gradient_accumulation_steps, 1, config.training.seq_len + 1),
+                                 np.int32)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(step.jitted)(state, batch)
+    flipped_tensors = 2 * model.config.num_hidden_layers  # each down_proj's input and weight
+    assert scanned and config.training.gradient_accumulation_steps == 2
+    assert executed_count(jaxpr.jaxpr, "pallas_call") == flips_per_tensor * flipped_tensors * 2
+
+
 # Exponent flips on activations, fraction flips on weights only: the two frameworks' float32
 # values differ by an ulp here and there, and a fraction-bit XOR can amplify that (see
 # tests/models/test_model_bitflip_parity.py); an exponent XOR keeps it an ulp.
@@ -131,7 +167,7 @@ def mase_recipe_losses(hf_model, batches, t, lora: bool) -> list[float]:
 
 
 @pytest.mark.slow  # ~40-60 s each on 2 CPU cores: the train step's compile (~30 s) and mase-triton interpreted
-@pytest.mark.parametrize("lora,remat", [(False, "none"), (True, "full")])
+@pytest.mark.parametrize("lora,remat", [(False, "none"), (True, "flips")])
 def test_training_with_flips_matches_the_torch_recipe_with_mase_layers(lora, remat):
     """Three optimizer steps of two micro-batches each: the same losses as HF transformers with
     mase-triton's layers on the same weights, data, seeds and AdamW, and the same seeds after."""
