@@ -22,6 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxflip.kernels_pallas.kernel import bitflip_pallas
@@ -37,6 +38,10 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 MAX_HALVES = 24
 SEED_LIMIT = 2**31 - 8
 BACKENDS = ("pallas", "interpret", "jnp")
+# checkpoint names of a differentiated flip's output and int8 keep mask: a remat policy that
+# saves both (jaxflip.models.llama's "flips") leaves no Philox to rerun in the recomputation
+FLIPPED_NAME = "bitflip_flipped"
+KEEP_NAME = "bitflip_keep"
 
 
 def find_nearest_prob_n_halves(p: float | None) -> int | None:
@@ -253,7 +258,7 @@ def _flip(x, seeds, config: FlipConfig):
 
 def _flip_fwd(x, seeds, config: FlipConfig):
     y, keep = _flip_forward(x, seeds, config)
-    return y, keep
+    return checkpoint_name(y, FLIPPED_NAME), (None if keep is None else checkpoint_name(keep, KEEP_NAME))
 
 
 def _flip_bwd(config: FlipConfig, keep, grad_y):

@@ -42,7 +42,7 @@ class ModelConfig:
     hf_model_path: str = ""  # start from these HF weights (hub id or folder); "" = flavor's random init
     checkpoint: str = ""  # start from a jaxflip model checkpoint instead (jaxflip.models.save)
     vocab_size: int = 0  # 0: the flavor's; else override (e.g. the built-in tokenizer's 4096)
-    remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots
+    remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots | flips | dots_flips
 
 
 @dataclass
@@ -227,6 +227,7 @@ def from_dict(raw: dict) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     from jaxflip.models.flavors import FLAVORS
+    from jaxflip.models.llama import REMAT_POLICIES
 
     def check(ok: bool, where: str, expected: str, value) -> None:
         if not ok:
@@ -239,7 +240,7 @@ def validate(config: TrainConfig) -> None:
     check(not (m.hf_model_path and m.checkpoint), "model.checkpoint", "empty when model.hf_model_path is set",
           m.checkpoint)
     check(m.vocab_size >= 0, "model.vocab_size", "an integer >= 0", m.vocab_size)
-    check(m.remat in ("none", "full", "dots"), "model.remat", "none, full or dots", m.remat)
+    check(m.remat in REMAT_POLICIES, "model.remat", f"one of {', '.join(REMAT_POLICIES)}", m.remat)
     for name in ("dtype", "mixed_precision_param", "mixed_precision_reduce"):
         check(getattr(t, name) in DTYPES, f"training.{name}", f"one of {', '.join(DTYPES)}", getattr(t, name))
     for name in ("seq_len", "local_batch_size", "gradient_accumulation_steps", "steps", "log_freq", "save_freq"):

@@ -123,6 +123,23 @@ def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
     assert seeds_pallas == seeds_jnp
 
 
+@pytest.mark.slow  # two interpret-mode kernel compiles: 30-60 s on 2 CPU cores (native on a GPU)
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(early_exit):
+    """The kernel at 32 elements / 1 warp per block (where the early exit skips most), against
+    the jnp path, on bf16 with zero-out and float32 (23 fraction bits) without."""
+    from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas
+
+    interpret = jax.default_backend() != "gpu"
+    for dtype, exp_halves, frac_halves, threshold in (("bfloat16", 24, 12, 2.0), ("float32", 16, 24, None)):
+        x = jnp.asarray(random_input((4111,), dtype, seed=33, specials=True))
+        want, *_ = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
+        scalars = jnp.array([8, 9, 0, 0], jnp.uint32)
+        got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
+                                threshold=threshold, interpret=interpret, launch=Launch(32, 1, early_exit))
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["jnp", "interpret"])
 def test_gradient_matches_mase_backward(dtype, backend):
