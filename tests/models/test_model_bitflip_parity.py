@@ -5,7 +5,6 @@ kernels run by the Triton interpreter), with the same rules and seeds."""
 import jax.numpy as jnp
 import mase_reference
 import numpy as np
-import torch
 from flax import nnx
 from hf_models import flax_twin, hf_logits, random_hf_model, random_tokens, tiny_hf_config
 from mase_reference import newcomputebench_transform
