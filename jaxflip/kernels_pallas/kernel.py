@@ -5,13 +5,13 @@ the high word of each Philox product comes from PTX ``mul.hi.u32`` (as in Triton
 ``umulhi``, which mase-triton's kernel uses).
 In interpret mode (CPU) the same kernel body runs with the portable 16-bit-split multiply.
 Halves, dtype and threshold are compile-time constants, so each configuration gets
-straight-line code with no unused Philox call; with early exit (the default) each block skips
-a group's remaining Philox calls once none of its masked bits survives
-(``philox.group_flip_word``), which changes the work, never the bits.
+straight-line code with no unused Philox call; with early exit each block skips a group's
+remaining Philox calls once none of its masked bits survives (``philox.group_flip_word``),
+which changes the work, never the bits.
 
-The launch (elements per block, warps per block, early exit) defaults to :data:`DEFAULT_LAUNCH`
-and can be set per process with ``JAXFLIP_BITFLIP_LAUNCH="BLOCK/WARPS"`` (e.g. ``32/1``) and
-``JAXFLIP_BITFLIP_EARLY_EXIT=0``.
+The launch (elements per block, warps per block, early exit) is chosen by the halves
+(:func:`default_launch`) and can be set per process with ``JAXFLIP_BITFLIP_LAUNCH=BLOCK/WARPS``
+(e.g. ``32/1``) and ``JAXFLIP_BITFLIP_EARLY_EXIT=0|1``.
 """
 
 from __future__ import annotations
@@ -45,18 +45,27 @@ class Launch:
             raise ValueError(f"Launch.num_warps must be a power of two >= 1, got {self.num_warps!r}")
 
 
-# One element per thread: the sweep in benchmarks/NOTES.md (H100, bf16, zero-out, no early
-# exit) measured 256/8 at 3.90 ms (halves 16) and 7.30 ms (halves 24) against 4.95 / 12.39 ms
-# at 1024/4; more elements per thread hold more Philox state in registers and spill. With
-# early exit a stand-alone kernel ran fastest at 32/1 (issue 12: 2.79 / 3.69 ms against
-# 3.70 / 5.00 at 256/8); that is not measured in this kernel yet, so 256/8 stays the default.
-DEFAULT_LAUNCH = Launch(block=256, num_warps=8, early_exit=True)
+# Two launches, chosen by the most Philox calls a group needs (``ceil(halves / 4)``), measured
+# on an H200 (benchmarks/NOTES.md, "Kernel early exit", bf16, 2**27 elements, zero-out):
+# - few calls (halves <= 12): 256 elements / 8 warps, one element per thread, no early exit.
+#   32-element blocks cost ~3 ms at any halves (4M programs), and with one or two calls there
+#   is little to skip: at halves 8 the exit test made 256/8 slower (2.19 vs 1.98 ms).
+# - four or more calls (halves >= 13): 32 / 1 with early exit, where a warp-sized block most
+#   often clears all its masked bits early: halves 16 3.06-3.40 ms, halves 24 4.07-4.13 ms,
+#   against 4.30 / 7.76 ms at 256/8 without exit (mase-triton: 4.21 / 8.54).
+FEW_CALLS_LAUNCH = Launch(block=256, num_warps=8, early_exit=False)
+MANY_CALLS_LAUNCH = Launch(block=32, num_warps=1, early_exit=True)
+MANY_CALLS = 4
 
 
 @functools.cache
-def default_launch() -> Launch:
-    """:data:`DEFAULT_LAUNCH` with the environment's overrides (read once per process)."""
-    launch = DEFAULT_LAUNCH
+def default_launch(halves: int = 1, interpret: bool = False) -> Launch:
+    """The launch for groups of at most ``halves`` (the larger of the two groups'), with the
+    environment's overrides (read once per process). In interpret mode (CPU) the block stays
+    at 256, where the interpreter runs fastest; early exit follows the rule, as on a GPU."""
+    launch = MANY_CALLS_LAUNCH if -(-halves // 4) >= MANY_CALLS else FEW_CALLS_LAUNCH
+    if interpret:
+        launch = Launch(FEW_CALLS_LAUNCH.block, FEW_CALLS_LAUNCH.num_warps, launch.early_exit)
     text = os.environ.get("JAXFLIP_BITFLIP_LAUNCH")
     if text:
         block, sep, warps = text.partition("/")
@@ -129,7 +138,8 @@ def bitflip_pallas(
     """
     return _bitflip_pallas(
         x_flat, scalars, segments=segments, exp_halves=exp_halves, frac_halves=frac_halves,
-        threshold=threshold, interpret=interpret, launch=launch or default_launch(),
+        threshold=threshold, interpret=interpret,
+        launch=launch or default_launch(max(exp_halves or 0, frac_halves or 0), interpret),
     )
 
 

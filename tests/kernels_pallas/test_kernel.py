@@ -15,12 +15,16 @@ def launch_env(monkeypatch):
     kernel.default_launch.cache_clear()
 
 
+@pytest.mark.parametrize("halves,launch", [(1, kernel.FEW_CALLS_LAUNCH), (12, kernel.FEW_CALLS_LAUNCH),
+                                           (13, kernel.MANY_CALLS_LAUNCH), (24, kernel.MANY_CALLS_LAUNCH)])
+def test_groups_of_four_or_more_philox_calls_get_warp_blocks_with_early_exit(launch_env, halves, launch):
+    assert kernel.default_launch(halves) == launch
+
+
 def test_environment_overrides_the_default_launch(launch_env):
-    assert kernel.default_launch() == kernel.DEFAULT_LAUNCH
-    kernel.default_launch.cache_clear()
-    launch_env("JAXFLIP_BITFLIP_LAUNCH", "32/1")
+    launch_env("JAXFLIP_BITFLIP_LAUNCH", "64/2")
     launch_env("JAXFLIP_BITFLIP_EARLY_EXIT", "0")
-    assert kernel.default_launch() == kernel.Launch(block=32, num_warps=1, early_exit=False)
+    assert kernel.default_launch(24) == kernel.Launch(block=64, num_warps=2, early_exit=False)
 
 
 @pytest.mark.parametrize("name,value,message", [
