@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML (or YAML) job config; default: the built-in quickstart")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
+    from jaxflip.cli import os_error_code
     from jaxflip.data.sources import DataError
     from jaxflip.train.checkpointing import CheckpointError
     from jaxflip.train.loop import NonFiniteError
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # an OS fault as tensorstore reports it (writing the exported model); else a bug
+        if os_error_code(error) is None:
+            raise
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     if not summary["finished"]:

@@ -24,13 +24,13 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxflip.cli import os_error_code
 from jaxflip.train.step import TrainState
 
 DATA_STATE_FILE = "stream.json"
@@ -84,7 +84,7 @@ class Checkpointer:
         try:
             yield
         except Exception as error:
-            code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+            code = os_error_code(error)
             if code is None or step is None:
                 raise
             self._discard(step)
@@ -186,12 +186,6 @@ class Checkpointer:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data_state))
         os.replace(partial, path)
-
-
-def _os_error_code(message: str) -> int | None:
-    """The errno in a tensorstore error message (``... [os_error_code='28']``), or None."""
-    match = re.search(r"os_error_code='(\d+)'", message)
-    return int(match.group(1)) if match else None
 
 
 def one_line(error: BaseException) -> str:

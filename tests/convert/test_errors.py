@@ -273,3 +273,13 @@ def test_an_integer_weight_is_refused_not_cast(hf_folder, tmp_path, capsys):
     error = fails(["hf-to-orbax", str(hf_folder), str(tmp_path / "dst")], capsys)
     assert f"{name} hold int32 values, not floating point" in error
     assert nothing_written(tmp_path, "hf")
+
+
+@pytest.mark.parametrize("disk, message", [("full", "No space left on device"), ("read-only", "Read-only file system")])
+def test_a_full_or_read_only_disk_is_the_environment_exit_1(disk, message, hf_folder, tmpfs, capsys):
+    destination = tmpfs(2**16, read_only=disk == "read-only")
+    capsys.readouterr()
+    assert main(["hf-to-orbax", str(hf_folder), str(destination / "dst")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # Orbax's writer thread logs its own traceback first
+    assert err.startswith("error: ") and message in err
+    assert list(destination.iterdir()) == []
