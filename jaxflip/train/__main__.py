@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxflip.data.sources import HubUnavailableError
 from jaxflip.train.config import ConfigError, load_config, to_dict
+from jaxflip.train.metrics import MissingPackageError
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except HubUnavailableError as error:  # a hub tokenizer or model offline: the environment, not the config
+    except (HubUnavailableError, MissingPackageError) as error:  # the environment, not the config
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not summary["finished"]:
