@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -38,8 +39,8 @@ import numpy as np
 from jaxflip.convert.common import (CheckpointSource, ConversionError, Progress, TensorSource, TorchFileSource,
                                     load_torch_file, numpy_dtype, numpy_to_torch, resolve_dtype, torch_to_numpy)
 from jaxflip.convert.hf import has_tokenizer, hf_config_dict, special_token_ids
-from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_params, copy_tokenizer_files,
-                                       expected_params, tokenizer_path, write_aside)
+from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
+                                       copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.flavors import FLAVORS, get_flavor
 
@@ -113,18 +114,57 @@ def halves_to_interleaved(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(0, 2, 1, 3).reshape(rows, columns)
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file admitting only what such a file holds: DCP's metadata
+    classes, torch dtypes, layouts and ``Size``, paths and a few builtins. A pickle names the
+    callables it runs; torch's own reader would run any of them (code in a crafted file)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+               *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+               *(("builtins", name) for name in ("set", "frozenset", "slice", "complex", "bytearray"))}
+
+    def find_class(self, module: str, name: str):
+        import torch
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type) \
+                and getattr(dcp_metadata, name).__module__ == module:
+            return getattr(dcp_metadata, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP metadata file does not hold "
+                                     f"(refused: unpickling it could run code)")
+
+
+def read_dcp_metadata(folder: Path):
+    """A DCP folder's ``Metadata``, read as ``FileSystemReader.read_metadata`` does but through
+    ``MetadataUnpickler``."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    try:
+        with open(folder / ".metadata", "rb") as file:
+            metadata = MetadataUnpickler(file).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError, IndexError,
+            KeyError) as error:  # what a corrupt or foreign pickle raises
+        raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise ConversionError(f"{folder}: the DCP metadata holds a {type(metadata).__name__}, not a Metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
 class DCPSource(TensorSource):
     """The tensors of a DCP folder, each loaded alone by ``dcp.load`` (which reads that
     tensor's chunks from every rank's file) with the metadata read once."""
 
     def __init__(self, folder: Path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        try:
-            self.metadata = dcp.FileSystemReader(folder).read_metadata()
-        except Exception as error:  # noqa: BLE001 (a corrupt .metadata surfaces as various errors)
-            raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+        self.metadata = read_dcp_metadata(folder)
         self.folder = folder
         self.entries = {fqn: entry for fqn, entry in self.metadata.state_dict_metadata.items()
                         if isinstance(entry, TensorStorageMetadata)}
@@ -134,6 +174,7 @@ class DCPSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         metadata = self.metadata
 
@@ -143,8 +184,14 @@ class DCPSource(TensorSource):
 
         entry = self.entries[name]
         tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-        with single_process():
-            dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        try:
+            with single_process():
+                dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        # a truncated or missing .distcp fails inside DCP's reader, as a CheckpointException (a BaseException)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            lines = str(error).strip().splitlines()
+            raise ConversionError(f"{self.folder}: cannot read {name} ({type(error).__name__}: "
+                                  f"{lines[-1] if lines else ''})") from None
         return torch_to_numpy(tensor)
 
 
@@ -244,6 +291,7 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
         shapes.pop("lm_head.weight", None)
         titan_names.pop("lm_head.weight", None)
     check_params(src, shapes, expected_params(llama))
+    check_floating(src, {hf: source.dtypes[name] for hf, name in titan_names.items()})
     with (Progress(len(titan_names), f"titan-to-orbax {param_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
         writer = CheckpointWriter(staging, llama, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)

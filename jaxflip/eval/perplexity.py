@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
-from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
+from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer, resolve_bitflip_config
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import on_model_mesh
 
@@ -115,6 +115,8 @@ def check_arguments(args) -> None:
 
 def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
+    if args.bitflip_config is not None:
+        resolve_bitflip_config(model, args.bitflip_config)  # a rule that fits no layer fails before the clean pass
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
                                  text_field=args.text_field, seq_len=resolve_seq_len(args, model),

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears, replace_module
-from jaxflip.bitflip.rules_file import load_bitflip_config
-from jaxflip.eval.model_io import open_model, open_tokenizer
+from jaxflip.bitflip import BitFlipLinear, named_linears, replace_module
+from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip_config
 from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, evaluation_windows, resolve_seq_len
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import mesh_context, model_mesh
@@ -116,11 +115,7 @@ def eligible_layers(model, bitflip_config: str | None) -> list[str]:
     names = list(named_linears(model))
     if bitflip_config is None:
         return in_forward_order([name for name in names if name != "lm_head"])
-    rules, seed_mode, base_seed = load_bitflip_config(bitflip_config, layer_names=names)
-    layers = [row.layer for row in match_rules(names, rules, seed_mode, base_seed) if row.flipped]
-    if not layers:
-        raise ValueError(f"{bitflip_config}: the bitflip rules flip no layer of this model")
-    return in_forward_order(layers)
+    return in_forward_order([row.layer for row in resolve_bitflip_config(model, bitflip_config).table if row.flipped])
 
 
 def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int) -> dict[str, dict[str, Accumulator]]:

@@ -120,6 +120,15 @@ def check_params(source, shapes: dict[str, tuple], expected: dict[str, jax.Shape
             raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the config expects {tuple(expected[name].shape)}")
 
 
+def check_floating(source, dtypes: dict) -> None:
+    """Raise ``ValueError`` when parameters (name -> dtype) are not floating point: an integer
+    or boolean tensor cast to the model's float dtype would load silently as something else."""
+    bad = sorted(name for name, dtype in dtypes.items() if not jax.numpy.issubdtype(dtype, jax.numpy.floating))
+    if bad:
+        raise ValueError(f"{source}: {short_list(bad)} hold {np.dtype(dtypes[bad[0]]).name} values, not floating point; "
+                         f"weights are not cast from integers")
+
+
 class DestinationExistsError(FileExistsError):
     """The folder to write exists and ``overwrite`` is off; ``path`` names it (a CLI words the
     remedy as its own flag)."""
@@ -313,6 +322,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
     shardings = {} if mesh is None else flat_params(state_shardings(params, mesh))
     stored = stored_params(path)
     check_params(path, {name: array.shape for name, (_, array) in stored.items()}, wanted)
+    check_floating(path, {name: array.dtype for name, (_, array) in stored.items()})
     by_shard: dict[Path, dict] = {}
     for name, (shard, array) in stored.items():
         # restore in the stored dtype (exact) and cast after

@@ -4,6 +4,10 @@ Bitflip-aware pretraining or LoRA, as the config says. ``--print-config`` prints
 config with its derived numbers (parameters, tokens per step, steps for the token budget)
 and exits. Without ``--config``, the built-in quickstart (``configs/quickstart.toml``'s
 settings) runs.
+
+Errors end with one ``error:`` line: exit status 2 for bad input (config, dataset), 1 for a
+run that cannot go on (a non-finite loss, no restorable checkpoint) or a fault of the
+environment (disk full, no permission).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML (or YAML) job config; default: the built-in quickstart")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
+    from jaxflip.data.sources import DataError
+    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.loop import NonFiniteError
+
     try:
         if args.config is None:
             args.config = QUICKSTART
@@ -58,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
         enable_compilation_cache()
         summary = run(config)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (HubUnavailableError, MissingPackageError) as error:  # the environment, not the config
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     if not summary["finished"]:
         print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")

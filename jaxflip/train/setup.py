@@ -3,7 +3,6 @@ weights; LoRA; bitflip rules; remat) and the tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -17,7 +16,7 @@ from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
-from jaxflip.train.config import ConfigError, TrainConfig
+from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -106,6 +105,7 @@ def build_model(config: TrainConfig, mesh: Mesh):
         model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
                                                dtype=t.mixed_precision_param)
         check_mesh_fits(model.config, mesh)
+        check_positions(t.seq_len, model.config.max_position_embeddings, m.hf_model_path or m.checkpoint)
     else:
         changes = {"param_dtype": stored, "dtype": t.mixed_precision_param}
         if m.vocab_size:
@@ -125,15 +125,9 @@ def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):
     """Configure the model's flips from ``[bitflip]``; returns the rule table (None when off)."""
     if not config.bitflip.enable:
         return None
-    rules, seed_mode, base_seed = bitflip_section_to_rules(_bitflip_section(config),
+    rules, seed_mode, base_seed = bitflip_section_to_rules(bitflip_section(config),
                                                            layer_names=list(named_linears(model)))
     return apply_bitflip_rules(model, rules, seed_mode=seed_mode, base_seed=base_seed)
-
-
-def _bitflip_section(config: TrainConfig) -> dict:
-    section = dataclasses.asdict(config.bitflip)
-    section.pop("enable")
-    return {key: value for key, value in section.items() if value is not None}
 
 
 def load_config_tokenizer(config: TrainConfig, model_tokenizer_dir, model: LlamaForCausalLM):

@@ -149,6 +149,20 @@ def test_bad_rule_gives_one_line_error(checkpoint, tmp_path, capsys):
     assert error.count("\n") == 1 and "x_p_exp must be a probability in (0, 1)" in error
 
 
+def test_a_rule_that_fits_no_layer_fails_before_the_clean_pass(checkpoint, tmp_path, capsys, monkeypatch):
+    from jaxflip.eval import perplexity
+
+    path, _ = checkpoint
+    monkeypatch.setattr(perplexity, "perplexity", lambda *args: pytest.fail("a forward pass ran"))
+    config = tmp_path / "rules.yaml"
+    config.write_text("model\\.layers\\.9\\..*: {x_p_exp: 0.01}\n")
+    assert main(["ppl", "--checkpoint", path, "--seq-len", "8", "--num-sequences", "1",
+                 "--bitflip-config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "matches no layer" in error
+
+
+
 @pytest.mark.parametrize("seq_len", [None, 300])
 def test_sequence_length_defaults_to_the_models_positions_and_a_longer_one_is_said(checkpoint, tmp_path, capsys,
                                                                                   seq_len):
