@@ -84,6 +84,10 @@ def run(args) -> dict:
     import lm_eval
     from lm_eval.utils import make_table
 
+    if args.backend == "torch":  # before JAX loads the checkpoint and starts its GPU backend
+        from jaxflip.torch_bridge import leave_gpu_to_torch
+
+        leave_gpu_to_torch()
     manager = task_manager(args.task_list, args.include_path)
     # the torch backend hands the weights to torch through DLPack, which takes whole arrays only
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype, shard=args.backend == "jax")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxflip.data.sources import HubUnavailableError
 from jaxflip.train.config import ConfigError, load_config, to_dict
+from jaxflip.train.metrics import MissingPackageError
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except HubUnavailableError as error:  # a hub tokenizer or model offline: the environment, not the config
+    except (HubUnavailableError, MissingPackageError) as error:  # the environment, not the config
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)

@@ -2,8 +2,8 @@
 
 Section and field names follow NewComputeBench's 70B LoRA config (``[model] flavor,
 hf_model_path``; ``[training] ...``; ``[parallelism] fsdp_degree``; ``[lora] r, lora_alpha``;
-``[bitflip] ...``), so that file loads unchanged; ``[job]``, ``[data]``, ``[checkpoint]`` and
-``[metrics]`` are jaxflip's. Any field can be overridden on the command line as
+``[bitflip] ...``), so that file loads unchanged; ``[job]``, ``[data]``, ``[validation]``,
+``[checkpoint]`` and ``[metrics]`` are jaxflip's. Any field can be overridden on the command line as
 ``--section.field VALUE`` (or ``--field VALUE`` when the name is unique, as the reference's
 ``--steps``). Every error names the field: ``training.lr: expected a number > 0, got -1``.
 """
@@ -108,6 +108,14 @@ class DataConfig:
 
 
 @dataclass
+class ValidationConfig:
+    eval_interval: int = 0  # validation loss every N steps and at the end; 0: none (nothing compiled)
+    eval_steps: int = 4  # held-out batches (of the global batch size) per evaluation
+    dataset: str = ""  # "": data.dataset
+    split: str = "validation"  # the held-out split (builtin:moby-dick has one)
+
+
+@dataclass
 class CheckpointConfig:
     enable: bool = True
     keep: int = 3
@@ -120,6 +128,8 @@ class MetricsConfig:
     tensorboard: bool = True
     plot: bool = True  # loss curve PNG at the end
     progress_bar: bool = True
+    wandb: bool = False  # log to Weights & Biases too (pip install wandb; WANDB_MODE=offline works offline)
+    wandb_project: str = "jaxflip"
 
 
 @dataclass
@@ -131,6 +141,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     bitflip: BitflipConfig = field(default_factory=BitflipConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -279,6 +290,9 @@ def validate(config: TrainConfig) -> None:
 
         check_positions(t.seq_len, get_flavor(config.flavor).max_position_embeddings, f"flavor {config.flavor}")
     check(c.keep > 0, "checkpoint.keep", "an integer > 0", c.keep)
+    check(config.validation.eval_interval >= 0, "validation.eval_interval", "an integer >= 0 (0: off)",
+          config.validation.eval_interval)
+    check(config.validation.eval_steps > 0, "validation.eval_steps", "an integer > 0", config.validation.eval_steps)
     check(d.prefetch >= 1, "data.prefetch", "an integer >= 1", d.prefetch)
     from jaxflip.data.sources import check_source
 

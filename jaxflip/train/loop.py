@@ -27,6 +27,7 @@ from jaxflip.train.config import TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
+from jaxflip.train.validation import Validator, due, format_validation
 
 
 def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dict:
@@ -164,7 +165,9 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     flops = flops_per_token(model_config, t.seq_len, lora)
     peak = peak_flops(jax.devices()[0])
 
-    logger = MetricsLogger(output_dir, tensorboard=config.metrics.tensorboard)
+    validator = (Validator(config, tokenizer, graphdef, shardings, batch_shard)
+                 if config.validation.eval_interval else None)
+    logger = MetricsLogger(output_dir, tensorboard=config.metrics.tensorboard, wandb=wandb_settings(config))
     logger.truncate_after(start)
     progress = None
     if main_process and config.metrics.progress_bar:
@@ -176,7 +179,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
               f"mesh {dict(mesh.shape)}", flush=True)
 
     step, last_log_step, last_log_time = start, start, time.perf_counter()
-    record = None
+    record = summary_validation = None
     try:
         with _StopRequest() as stop:
             while step < t.steps:
@@ -210,6 +213,14 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                         print(format_record(record), flush=True)
                     if on_step is not None:
                         on_step(step, record)
+                if validator is not None and due(config, step):
+                    validation = {"step": step} | validator(state)
+                    logger.log(validation)
+                    if progress is not None:
+                        progress.write(format_validation(validation))
+                    elif main_process:
+                        print(format_validation(validation), flush=True)
+                    summary_validation = validation
                 if saving:
                     checkpointer.save(step, state, stream.state(), force=stop.requested)
                 if stop.requested:
@@ -227,14 +238,26 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     finished = step >= t.steps
     summary = {"output_dir": str(output_dir.absolute()), "step": step, "finished": finished,
                "loss": None if record is None else record["loss"]}
+    if summary_validation is not None:
+        summary["val_loss"] = summary_validation["val_loss"]
     if finished and config.checkpoint.export_model:
         summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
     if config.metrics.plot:
         plot = logger.plot()
-        summary["loss_png"] = None if plot is None else str(plot.absolute())
+        summary["loss_png"] = None if plot is None else str(plot)
     if main_process:
         print(json.dumps(summary), flush=True)
     return summary
+
+
+def wandb_settings(config: TrainConfig) -> dict | None:
+    """``wandb.init``'s arguments when ``metrics.wandb`` is on: the project, the run named after
+    the output folder (or ``job.description``), the resolved config, files beside the run's."""
+    if not config.metrics.wandb:
+        return None
+    output_dir = Path(config.job.output_dir).absolute()
+    return {"project": config.metrics.wandb_project, "name": config.job.description or output_dir.name,
+            "dir": str(output_dir), "config": to_dict(config)}
 
 
 def export_model(graphdef, state, output_dir: Path, model_tokenizer_dir, config: TrainConfig) -> Path:

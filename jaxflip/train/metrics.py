@@ -26,12 +26,32 @@ def _record_step(line: str) -> int | None:
     return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
+class MissingPackageError(RuntimeError):
+    """An optional backend was asked for and its package is not installed (one line)."""
+
+
+def _tag(key: str) -> str:
+    """TensorBoard / W&B name of a record field: ``val_loss`` -> ``val/loss``, else ``train/...``."""
+    return f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+
+
 class MetricsLogger:
-    def __init__(self, output_dir: Path, *, tensorboard: bool):
+    """``wandb``: None, or ``wandb.init``'s keyword arguments (project, name, dir, config):
+    every record is then logged to Weights & Biases too; the package is imported only then."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool, wandb: dict | None = None):
         self.output_dir = Path(output_dir)
         self.enabled = jax.process_index() == 0
         self.path = self.output_dir / "metrics.jsonl"
         self.writer = None
+        self.wandb_run = None
+        if self.enabled and wandb is not None:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise MissingPackageError("metrics.wandb: the wandb package is not installed (pip install wandb, "
+                                          "or set metrics.wandb false)") from None
+            self.wandb_run = wandb_module.init(**wandb)
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -51,18 +71,23 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {_tag(key): value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, record["step"])
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
     def plot(self) -> Path | None:
-        """``loss.png`` from ``metrics.jsonl``."""
+        """``loss.png`` from ``metrics.jsonl`` (training and validation loss); its absolute path."""
         if not self.enabled or not self.path.is_file():
             return None
         import matplotlib
@@ -71,15 +96,20 @@ class MetricsLogger:
         import matplotlib.pyplot as plt
 
         records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        if not records:
+        train = [r for r in records if "loss" in r]
+        validation = [r for r in records if "val_loss" in r]
+        if not train:
             return None
         figure, axis = plt.subplots(figsize=(7, 4))
-        axis.plot([r["step"] for r in records], [r["loss"] for r in records])
+        axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="training")
+        if validation:
+            axis.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation")
+            axis.legend()
         axis.set_xlabel("step")
-        axis.set_ylabel("training loss")
+        axis.set_ylabel("loss")
         axis.grid(alpha=0.3)
         figure.tight_layout()
-        out = self.output_dir / "loss.png"
+        out = self.output_dir.absolute() / "loss.png"
         figure.savefig(out, dpi=120)
         plt.close(figure)
         return out

@@ -14,6 +14,7 @@ counters replicated, the batch over every data axis.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -113,6 +114,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
+def forward_loss(graphdef, compute: jnp.dtype, trainable, frozen, seeds, tokens: jax.Array):
+    """``(loss, seeds after the forward)``: the mean next-token cross-entropy of ``tokens``
+    ``(batch, seq_len + 1)``, the one forward of training and of validation. The forward sees
+    the ``compute`` dtype; gradients flow back to the float32 master weights."""
+    cast = jax.tree.map(lambda w: w.astype(compute) if jnp.issubdtype(w.dtype, jnp.floating) else w, trainable)
+    model = merge_model(graphdef, cast, frozen, seeds)
+    loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    return loss, nnx.state(model, BitflipSeed)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfig, shardings: TrainState,
                     batch_shard: NamedSharding):
     """``step(state, batch) -> (state, metrics)``, jitted, the state donated. ``batch``:
@@ -120,15 +131,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
     batch's mesh (``OnMesh``): activations constrained, each device flipping its own shards."""
     compute = jnp.dtype(t.mixed_precision_param)
     reduce = jnp.dtype(t.mixed_precision_reduce)
-
-    def loss_fn(trainable, frozen, seeds, tokens):
-        # the forward sees the compute dtype; gradients flow back to the float32 master weights
-        cast = jax.tree.map(lambda w: w.astype(compute) if jnp.issubdtype(w.dtype, jnp.floating) else w, trainable)
-        model = merge_model(graphdef, cast, frozen, seeds)
-        loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
-        return loss, nnx.state(model, BitflipSeed)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(forward_loss, graphdef, compute), has_aux=True)
 
     def step(state: TrainState, batch: jax.Array):
         def micro_step(carry, tokens):
@@ -147,6 +150,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
         return TrainState(state.step + 1, trainable, state.frozen, seeds, opt_state), metrics
 
     jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+    return OnMesh(jitted, batch_shard.mesh)
+
+
+def make_eval_step(graphdef, t: TrainingConfig, shardings: TrainState, batch_shard: NamedSharding):
+    """``evaluate(state, batches) -> mean loss`` over int32 ``(n, global_batch, seq_len + 1)``
+    batches, jitted (compiled at its first call only), the state left as it is: the flips run
+    from the state's seeds, which advance through the batches and are then dropped, so
+    validation changes nothing training does next."""
+    compute = jnp.dtype(t.mixed_precision_param)
+
+    def evaluate(state: TrainState, batches: jax.Array) -> jax.Array:
+        def batch_loss(seeds, tokens):
+            loss, seeds = forward_loss(graphdef, compute, state.trainable, state.frozen, seeds, tokens)
+            return seeds, loss
+
+        _, losses = jax.lax.scan(batch_loss, state.seeds, batches)
+        return losses.mean()
+
+    jitted = jax.jit(evaluate, in_shardings=(shardings, batch_shard))
     return OnMesh(jitted, batch_shard.mesh)
 
 

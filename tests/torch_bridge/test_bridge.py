@@ -1,6 +1,8 @@
 """The torch bridge against mase-triton (its Triton kernels on CPU through the interpreter):
 the layer over consecutive calls, and the rule transform of a whole HF model."""
 
+import os
+
 import mase_reference
 import numpy as np
 import pytest
@@ -86,3 +88,34 @@ def test_transform_flips_the_layers_mase_would_with_the_same_logits():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), equal_nan=True)
         for name, layer in mase_layers.items():
             assert seeds(modules[name]) == seeds(layer), f"call {call}: {name}"
+
+
+def test_importing_the_bridge_stops_jax_preallocating_before_its_backend_starts():
+    """In a fresh process: set, and JAX has not started a backend, so it takes effect when it does."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, os, jaxflip.torch_bridge, jax._src.xla_bridge as xb; "
+             "print(json.dumps([os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), xb.backends_are_initialized()]))")
+    environment = {k: v for k, v in os.environ.items() if k not in ("XLA_PYTHON_CLIENT_PREALLOCATE",
+                                                                     "JAXFLIP_TORCH_BRIDGE_PREALLOCATE")}
+    result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == ["false", False]
+
+
+@pytest.mark.parametrize("environment, expected", [
+    ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, "true"),  # the user's own setting wins
+    ({"JAXFLIP_TORCH_BRIDGE_PREALLOCATE": "1"}, None),  # JAX's default, on request
+])
+def test_the_preallocation_setting_can_be_overridden(environment, expected, monkeypatch):
+    from jaxflip.torch_bridge import leave_gpu_to_torch
+
+    for name in ("XLA_PYTHON_CLIENT_PREALLOCATE", "JAXFLIP_TORCH_BRIDGE_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    leave_gpu_to_torch()
+    assert os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected

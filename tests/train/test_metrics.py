@@ -1,9 +1,13 @@
-"""metrics.jsonl on resume."""
+"""metrics.jsonl on resume, the loss plot, the W&B backend."""
 
 import json
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 
+from jaxflip.train.__main__ import main
 from jaxflip.train.metrics import MetricsLogger
 
 
@@ -18,3 +22,41 @@ def test_resume_drops_later_steps_and_a_line_cut_short_by_a_kill(tmp_path):
     assert kept == records[:5]
     logger.log({"step": 6, "loss": 2.0})
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 6, "loss": 2.0}
+
+
+def test_the_loss_plot_is_absolute_and_holds_both_curves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = MetricsLogger("run", tensorboard=False)
+    rng = np.random.default_rng()
+    Path("run").mkdir()
+    for step in range(1, 5):
+        logger.log({"step": step, "loss": float(rng.uniform(1, 9))})
+    logger.log({"step": 4, "val_loss": float(rng.uniform(1, 9))})
+    assert logger.plot() == tmp_path / "run" / "loss.png" and (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_wandb_gets_every_record_under_train_and_val(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rng = np.random.default_rng()
+    loss, val_loss = float(rng.uniform(1, 9)), float(rng.uniform(1, 9))
+    logger = MetricsLogger(tmp_path, tensorboard=False,
+                           wandb={"project": "jaxflip-test", "name": "run", "dir": str(tmp_path), "mode": "offline"})
+    logger.log({"step": 1, "loss": float(rng.uniform(1, 9)), "mfu": None})
+    logger.log({"step": 2, "loss": loss})
+    logger.log({"step": 2, "val_loss": val_loss})
+    logger.close()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    logged = run_file.read_bytes()  # protobuf records: each value as its JSON text after its key
+    assert re.search(rb"train/loss.{1,4}" + re.escape(json.dumps(loss).encode()), logged, re.DOTALL)
+    assert re.search(rb"val/loss.{1,4}" + re.escape(json.dumps(val_loss).encode()), logged, re.DOTALL)
+    assert b"train/mfu" not in logged  # None is not logged
+
+
+def test_wandb_asked_for_but_not_installed_is_one_line_and_status_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    code = main(["--job.output_dir", str(tmp_path / "run"), "--metrics.wandb", "true", "--training.steps", "1",
+                 "--metrics.progress_bar", "false", "--bitflip.enable", "false"])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert error == ("error: metrics.wandb: the wandb package is not installed (pip install wandb, or set "
+                     "metrics.wandb false)\n")

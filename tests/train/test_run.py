@@ -16,8 +16,12 @@ from jaxflip.train import setup
 from jaxflip.train.loop import run
 
 
+def records(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(output_dir):
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records(output_dir) if "loss" in record]
 
 
 # the same flips in every layer: the train state holds the layers stacked and the step scans them
@@ -61,23 +65,27 @@ def test_lora_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_job):
 
 def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
     """The README's main job, as a user runs it (one CPU device, no compilation cache), cut to
-    40 steps."""
+    40 steps, with a validation loss every 20 (held-out chapters: they too get better)."""
     out = tmp_path / "quickstart"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAXFLIP_COMPILATION_CACHE": ""}
     result = subprocess.run(
         [sys.executable, "-m", "jaxflip.train", "--config", "configs/quickstart.toml", "--job.output_dir", str(out),
-         "--training.steps", "40", "--training.log_freq", "5", "--metrics.progress_bar", "false"],
+         "--training.steps", "40", "--training.log_freq", "5", "--metrics.progress_bar", "false",
+         "--validation.eval_interval", "20", "--validation.eval_steps", "1"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     curve = losses(out)
     assert len(curve) == 9  # step 1, then every 5th
     assert abs(curve[0] - np.log(4096)) < 0.3  # a random init predicts the 4096 tokens about uniformly
     assert np.mean(curve[-2:]) < curve[0] - 0.5
-    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:2]]
+    first, second = records(out)[:2]
     # the first step compiles: its time is reported apart and kept out of the throughput
     assert first["step"] == 1 and first["tokens_per_s"] is None and first["first_step_s"] > 0
     assert "XLA compilation included" in result.stdout
     assert second["step"] == 5 and 4 * 512 / second["tokens_per_s"] < first["first_step_s"]
+    validation = [record for record in records(out) if "val_loss" in record]
+    assert [record["step"] for record in validation] == [20, 40]
+    assert validation[-1]["val_loss"] < validation[0]["val_loss"] < curve[0] - 0.5
     assert (out / "loss.png").is_file() and (out / "model" / "jaxflip_model.json").is_file()
     assert json.loads((out / "config.json").read_text())["derived"]["devices"] == 1
 
