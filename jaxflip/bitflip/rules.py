@@ -28,16 +28,15 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from jaxflip import find_nearest_prob_n_halves
 from jaxflip.bitflip.linear import TensorFlip, named_linears
-from jaxflip.bitflip.seeds import SEED_LIMIT, SEED_NAMES, independent_seed
+from jaxflip.bitflip.seeds import SEED_NAMES, independent_seed
+from jaxflip.kernels_pallas.limits import check_seed, flip_halves
 
 PROBABILITY_KEYS = ("x_p_exp", "x_p_frac", "w_p_exp", "w_p_frac")
 THRESHOLD_KEYS = ("x_zero_out_t", "w_zero_out_t")
 RULE_KEYS = PROBABILITY_KEYS + THRESHOLD_KEYS + SEED_NAMES
 DEFAULT = "default"
 LM_HEAD = "lm_head"
-MAX_HALVES = 24  # the smallest flip probability the kernel supports is 0.5**24
 SEED_MODES = ("reference", "independent")
 
 
@@ -156,17 +155,10 @@ def _parse_rule(pattern: str, rule) -> tuple[TensorFlip, TensorFlip, tuple[int, 
 
 
 def _halves(pattern: str, key: str, p) -> int | None:
-    if p is None:
-        return None
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
-        raise ValueError(f"bitflip rule {pattern!r}: {key} must be a probability in (0, 1) or None, got {p!r}")
-    halves = find_nearest_prob_n_halves(float(p))
-    if halves > MAX_HALVES:
-        raise ValueError(
-            f"bitflip rule {pattern!r}: {key}={p!r} is below the smallest supported flip probability "
-            f"0.5**{MAX_HALVES} = {0.5**MAX_HALVES:.3g}"
-        )
-    return halves
+    try:
+        return flip_halves(key, p)
+    except ValueError as error:
+        raise ValueError(f"bitflip rule {pattern!r}: {error}") from None
 
 
 def _threshold(pattern: str, key: str, t) -> float | None:
@@ -178,6 +170,7 @@ def _threshold(pattern: str, key: str, t) -> float | None:
 
 
 def _seed(pattern: str, key: str, seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"bitflip rule {pattern!r}: {key} must be an int in [0, 2**31 - 8), got {seed!r}")
-    return int(seed)
+    try:
+        return check_seed(key, seed)
+    except ValueError as error:
+        raise ValueError(f"bitflip rule {pattern!r}: {error}") from None
