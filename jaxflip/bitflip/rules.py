@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from jaxflip.bitflip.linear import TensorFlip, named_linears
+from jaxflip.bitflip.linear import LM_HEAD, TensorFlip, named_linears
 from jaxflip.bitflip.seeds import SEED_NAMES, independent_seed
 from jaxflip.kernels_pallas.limits import check_seed, flip_halves
 
@@ -36,7 +36,6 @@ PROBABILITY_KEYS = ("x_p_exp", "x_p_frac", "w_p_exp", "w_p_frac")
 THRESHOLD_KEYS = ("x_zero_out_t", "w_zero_out_t")
 RULE_KEYS = PROBABILITY_KEYS + THRESHOLD_KEYS + SEED_NAMES
 DEFAULT = "default"
-LM_HEAD = "lm_head"
 SEED_MODES = ("reference", "independent")
 
 

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxflip.bitflip import LM_HEAD
 from jaxflip.bitflip.rules_file import parse_none
 from jaxflip.kernels_pallas.limits import flip_halves
 
@@ -96,7 +97,7 @@ class BitflipConfig:
     x_p_frac: float | None = None
     x_zero_out_t: float | None = None
     base_seed: int | None = None  # set: independent per-layer seeds; None: mase-triton's (all 0)
-    skip_patterns: list[str] = field(default_factory=lambda: ["lm_head"])
+    skip_patterns: list[str] = field(default_factory=lambda: [LM_HEAD])
     rules: dict | None = None  # NewComputeBench regex rules; replaces the fields above when given
 
 
