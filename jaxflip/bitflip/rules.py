@@ -145,19 +145,12 @@ def _parse_rule(pattern: str, rule) -> tuple[TensorFlip, TensorFlip, tuple[int, 
     unknown = sorted(set(rule) - set(RULE_KEYS), key=str)
     if unknown:
         raise ValueError(f"bitflip rule {pattern!r} has unknown key(s) {unknown}; allowed keys: {', '.join(RULE_KEYS)}")
-    halves = {key: _halves(pattern, key, rule.get(key)) for key in PROBABILITY_KEYS}
+    halves = {key: _checked(pattern, flip_halves, key, rule.get(key)) for key in PROBABILITY_KEYS}
     thresholds = {key: _threshold(pattern, key, rule.get(key)) for key in THRESHOLD_KEYS}
-    seeds = tuple(_seed(pattern, key, rule.get(key, 0)) for key in SEED_NAMES)
+    seeds = tuple(_checked(pattern, check_seed, key, rule.get(key, 0)) for key in SEED_NAMES)
     x_flip = TensorFlip(halves["x_p_exp"], halves["x_p_frac"], thresholds["x_zero_out_t"])
     w_flip = TensorFlip(halves["w_p_exp"], halves["w_p_frac"], thresholds["w_zero_out_t"])
     return x_flip, w_flip, seeds
-
-
-def _halves(pattern: str, key: str, p) -> int | None:
-    try:
-        return flip_halves(key, p)
-    except ValueError as error:
-        raise ValueError(f"bitflip rule {pattern!r}: {error}") from None
 
 
 def _threshold(pattern: str, key: str, t) -> float | None:
@@ -168,8 +161,9 @@ def _threshold(pattern: str, key: str, t) -> float | None:
     return float(t)
 
 
-def _seed(pattern: str, key: str, seed) -> int:
+def _checked(pattern: str, check, key: str, value):
+    """``check(key, value)`` (a ``jaxflip.kernels_pallas.limits`` check), its error naming the rule."""
     try:
-        return check_seed(key, seed)
+        return check(key, value)
     except ValueError as error:
         raise ValueError(f"bitflip rule {pattern!r}: {error}") from None
