@@ -3,6 +3,8 @@
 * 8 host CPU devices, for the sharding tests (a no-op on GPU machines, which keep their devices).
 * ``TRITON_INTERPRET=1`` when no CUDA device is present, so mase-triton's kernels (the referee)
   run on CPU tensors.
+
+And, for every test, float32 matmuls in full float32 (``float32_matmuls_in_float32``).
 """
 
 import os
@@ -20,7 +22,16 @@ if not torch.cuda.is_available():
 import contextlib  # noqa: E402
 import subprocess  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls_in_float32():
+    """Parity at float32 tolerance needs true float32 matmuls; on GPU XLA would use TF32 (on CPU
+    float32 matmuls are full float32 anyway, so the other tests see no change)."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture

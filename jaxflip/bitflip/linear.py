@@ -32,6 +32,10 @@ from flax import nnx
 from jaxflip import find_nearest_prob_n_halves, random_bitflip
 from jaxflip.bitflip.seeds import SEED_NAMES, BitflipSeed
 
+# the LM head's module name (HF's, and jaxflip.models.llama's attribute): NewComputeBench's
+# recipe never flips it and gives it no LoRA adapter
+LM_HEAD = "lm_head"
+
 default_weight_init = nnx.initializers.normal(stddev=0.02)  # what HF Llama uses for Linear layers
 
 

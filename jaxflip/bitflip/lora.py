@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxflip.bitflip.linear import BitFlipLinear, named_linears, replace_module
+from jaxflip.bitflip.linear import LM_HEAD, BitFlipLinear, named_linears, replace_module
 from jaxflip.bitflip.seeds import SEED_NAMES
+
+# the logical axis of the adapters' rank dimension; jaxflip.models.sharding maps it to a mesh axis
+LORA_RANK_AXIS = "lora_rank"
 
 
 class LoRAParam(nnx.Param):
@@ -48,9 +51,9 @@ class BitFlipLoRALinear(BitFlipLinear):
         self.rank = rank
         self.alpha = alpha
         self.lora_A = LoRAParam(kaiming_uniform_sqrt5(rngs.params(), (rank, in_features), param_dtype),
-                                out_sharding=("lora_rank", in_axis), eager_sharding=False)
+                                out_sharding=(LORA_RANK_AXIS, in_axis), eager_sharding=False)
         self.lora_B = LoRAParam(jnp.zeros((out_features, rank), param_dtype),
-                                out_sharding=(out_axis, "lora_rank"), eager_sharding=False)
+                                out_sharding=(out_axis, LORA_RANK_AXIS), eager_sharding=False)
 
     @classmethod
     def from_linear(cls, linear: BitFlipLinear, *, rank: int, alpha: float, rngs: nnx.Rngs) -> BitFlipLoRALinear:
@@ -92,7 +95,8 @@ def _copy_variable(variable: nnx.Variable) -> nnx.Variable:
     return type(variable)(variable.get_value(), **variable.get_metadata())
 
 
-def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs,
+             skip: tuple[str, ...] = (LM_HEAD,)) -> list[str]:
     """Replace every ``BitFlipLinear`` of ``model`` but those named in ``skip`` by a
     ``BitFlipLoRALinear`` wrapping it (as NewComputeBench does, the LM head keeps no adapter).
     Returns the names of the wrapped layers."""

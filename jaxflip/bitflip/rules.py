@@ -28,16 +28,14 @@ from dataclasses import dataclass
 
 from flax import nnx
 
-from jaxflip import find_nearest_prob_n_halves
-from jaxflip.bitflip.linear import TensorFlip, named_linears
-from jaxflip.bitflip.seeds import SEED_LIMIT, SEED_NAMES, independent_seed
+from jaxflip.bitflip.linear import LM_HEAD, TensorFlip, named_linears
+from jaxflip.bitflip.seeds import SEED_NAMES, independent_seed
+from jaxflip.kernels_pallas.limits import check_seed, flip_halves
 
 PROBABILITY_KEYS = ("x_p_exp", "x_p_frac", "w_p_exp", "w_p_frac")
 THRESHOLD_KEYS = ("x_zero_out_t", "w_zero_out_t")
 RULE_KEYS = PROBABILITY_KEYS + THRESHOLD_KEYS + SEED_NAMES
 DEFAULT = "default"
-LM_HEAD = "lm_head"
-MAX_HALVES = 24  # the smallest flip probability the kernel supports is 0.5**24
 SEED_MODES = ("reference", "independent")
 
 
@@ -147,26 +145,12 @@ def _parse_rule(pattern: str, rule) -> tuple[TensorFlip, TensorFlip, tuple[int, 
     unknown = sorted(set(rule) - set(RULE_KEYS), key=str)
     if unknown:
         raise ValueError(f"bitflip rule {pattern!r} has unknown key(s) {unknown}; allowed keys: {', '.join(RULE_KEYS)}")
-    halves = {key: _halves(pattern, key, rule.get(key)) for key in PROBABILITY_KEYS}
+    halves = {key: _checked(pattern, flip_halves, key, rule.get(key)) for key in PROBABILITY_KEYS}
     thresholds = {key: _threshold(pattern, key, rule.get(key)) for key in THRESHOLD_KEYS}
-    seeds = tuple(_seed(pattern, key, rule.get(key, 0)) for key in SEED_NAMES)
+    seeds = tuple(_checked(pattern, check_seed, key, rule.get(key, 0)) for key in SEED_NAMES)
     x_flip = TensorFlip(halves["x_p_exp"], halves["x_p_frac"], thresholds["x_zero_out_t"])
     w_flip = TensorFlip(halves["w_p_exp"], halves["w_p_frac"], thresholds["w_zero_out_t"])
     return x_flip, w_flip, seeds
-
-
-def _halves(pattern: str, key: str, p) -> int | None:
-    if p is None:
-        return None
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
-        raise ValueError(f"bitflip rule {pattern!r}: {key} must be a probability in (0, 1) or None, got {p!r}")
-    halves = find_nearest_prob_n_halves(float(p))
-    if halves > MAX_HALVES:
-        raise ValueError(
-            f"bitflip rule {pattern!r}: {key}={p!r} is below the smallest supported flip probability "
-            f"0.5**{MAX_HALVES} = {0.5**MAX_HALVES:.3g}"
-        )
-    return halves
 
 
 def _threshold(pattern: str, key: str, t) -> float | None:
@@ -177,7 +161,9 @@ def _threshold(pattern: str, key: str, t) -> float | None:
     return float(t)
 
 
-def _seed(pattern: str, key: str, seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"bitflip rule {pattern!r}: {key} must be an int in [0, 2**31 - 8), got {seed!r}")
-    return int(seed)
+def _checked(pattern: str, check, key: str, value):
+    """``check(key, value)`` (a ``jaxflip.kernels_pallas.limits`` check), its error naming the rule."""
+    try:
+        return check(key, value)
+    except ValueError as error:
+        raise ValueError(f"bitflip rule {pattern!r}: {error}") from None

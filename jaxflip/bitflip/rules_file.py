@@ -77,8 +77,8 @@ def bitflip_section_to_rules(section: Mapping, *, layer_names: Collection[str] |
     unknown = sorted(set(section) - set(SECTION_KEYS))
     if unknown:
         raise ValueError(f"[{SECTION}] has unknown field(s) {unknown}; known: {', '.join(SECTION_KEYS)}")
-    base_seed = _none(section.get("base_seed"))
-    seed_mode = _none(section.get("seed_mode")) or ("reference" if base_seed is None else "independent")
+    base_seed = parse_none(section.get("base_seed"))
+    seed_mode = parse_none(section.get("seed_mode")) or ("reference" if base_seed is None else "independent")
     if seed_mode not in SEED_MODES:
         raise ValueError(f"{SECTION}.seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
     base_seed = 0 if base_seed is None else base_seed
@@ -98,7 +98,7 @@ def bitflip_section_to_rules(section: Mapping, *, layer_names: Collection[str] |
                           stacklevel=2)
             continue
         rules[f".*{re.escape(substring)}.*"] = None
-    rules[DEFAULT] = {key: _none(section.get(key)) for key in SETTING_KEYS}
+    rules[DEFAULT] = {key: parse_none(section.get(key)) for key in SETTING_KEYS}
     return rules, seed_mode, base_seed
 
 
@@ -106,9 +106,11 @@ def _rules(raw) -> dict:
     """A rules mapping as read from a file, TOML's ``"none"`` strings turned into None."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"bitflip rules must map layer-name regexes to settings, got {raw!r}")
-    return {pattern: ({key: _none(value) for key, value in rule.items()} if isinstance(rule, Mapping) else _none(rule))
+    return {pattern: ({key: parse_none(value) for key, value in rule.items()} if isinstance(rule, Mapping)
+                      else parse_none(rule))
             for pattern, rule in raw.items()}
 
 
-def _none(value):
+def parse_none(value):
+    """None for ``"none"`` or ``"null"`` (any case: TOML has no null), else ``value``."""
     return None if isinstance(value, str) and value.lower() in NONE_STRINGS else value

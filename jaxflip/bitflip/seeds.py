@@ -32,7 +32,6 @@ import jax
 from flax import nnx
 
 SEED_NAMES = ("x_seed_exp", "x_seed_frac", "w_seed_exp", "w_seed_frac")
-SEED_LIMIT = 2**31 - 8  # the kernel's contract: 0 <= seed < 2**31 - 8 (mase-triton's exact range)
 INDEPENDENT_SEED_RANGE = 2**30
 
 

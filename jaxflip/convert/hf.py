@@ -26,7 +26,7 @@ from jaxflip.convert.common import (BFLOAT16, CheckpointSource, ConversionError,
 from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
                                        copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
-from jaxflip.models.hf import llama_from_hf_state_dict
+from jaxflip.models.hf import LM_HEAD_WEIGHT, llama_from_hf_state_dict
 from jaxflip.models.llama import LlamaForCausalLM
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
@@ -185,7 +185,7 @@ def parameter_names(source: TensorSource, tied: bool) -> list[str]:
     """The source's tensors that are parameters: not RoPE frequency buffers (older HF
     checkpoints store them) nor a tied LM head (it repeats the embedding)."""
     return [name for name in source.shapes if not name.endswith("rotary_emb.inv_freq")
-            and not (tied and name == "lm_head.weight")]
+            and not (tied and name == LM_HEAD_WEIGHT)]
 
 
 def open_hf(path_or_hub_id: str | os.PathLike, dtype: str) -> tuple[Path, TensorSource, LlamaConfig, list[str]]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflip.bitflip import BitFlipLinear, named_linears, replace_module
+from jaxflip.bitflip import LM_HEAD, BitFlipLinear, named_linears, replace_module
 from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip_config
 from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, evaluation_windows, resolve_seq_len
 from jaxflip.eval.report import format_table
@@ -114,7 +114,7 @@ def eligible_layers(model, bitflip_config: str | None) -> list[str]:
     layers NewComputeBench flips), in forward order."""
     names = list(named_linears(model))
     if bitflip_config is None:
-        return in_forward_order([name for name in names if name != "lm_head"])
+        return in_forward_order([name for name in names if name != LM_HEAD])
     return in_forward_order([row.layer for row in resolve_bitflip_config(model, bitflip_config).table if row.flipped])
 
 

@@ -32,11 +32,10 @@ from jaxflip.kernels_pallas.layout import (
     row_major_strides,
     shard_segments,
 )
+from jaxflip.kernels_pallas.limits import check_halves, check_seed
 from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, zero_out_keep
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-MAX_HALVES = 24
-SEED_LIMIT = 2**31 - 8
 BACKENDS = ("pallas", "interpret", "jnp")
 # checkpoint names of a differentiated flip's output and int8 keep mask: a remat policy that
 # saves both (jaxflip.models.llama's "flips") leaves no Philox to rerun in the recomputation
@@ -44,53 +43,22 @@ FLIPPED_NAME = "bitflip_flipped"
 KEEP_NAME = "bitflip_keep"
 
 
-def find_nearest_prob_n_halves(p: float | None) -> int | None:
-    """``ceil(log2(1 / p))``: the halves whose ``0.5 ** halves`` is the largest <= ``p``."""
-    if p is None:
-        return None
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p < 1:
-        raise ValueError(f"flip probability must be a number in (0, 1), got {p!r}")
-    inverse = 1 / p
-    # below 2**-1024 (subnormal) 1 / p overflows to inf; -log2(p) is the same number there
-    return math.ceil(math.log2(inverse)) if math.isfinite(inverse) else math.ceil(-math.log2(p))
-
-
-def calculate_flip_probability(halves: int | None) -> float | None:
-    """``0.5 ** halves``."""
-    if halves is None:
-        return None
-    _check_halves("halves", halves)
-    return 0.5**halves
-
-
-def _check_halves(name: str, halves) -> None:
-    if halves is None:
-        return
-    if isinstance(halves, bool) or not isinstance(halves, (int, np.integer)):
-        raise TypeError(f"{name} must be an int in 1..{MAX_HALVES} or None, got {halves!r}")
-    if not 1 <= halves <= MAX_HALVES:
-        raise ValueError(f"{name} must be in 1..{MAX_HALVES} (flip probability 0.5**{name}), got {halves}")
-
-
 def _is_python_seed(seed) -> bool:
     return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
 
 
-def check_seed(name: str, seed) -> None:
+def _check_seed_or_scalar(name: str, seed) -> None:
     """A Python int in the contract's range, or a JAX integer scalar; else a one-line error."""
-    if isinstance(seed, bool):
-        raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
     if _is_python_seed(seed):
-        if not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"{name} must satisfy 0 <= seed < 2**31 - 8 (mase-triton's exact range), got {seed}")
+        check_seed(name, seed)
         return
     dtype = getattr(seed, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or getattr(seed, "ndim", 0) != 0:
         raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
     # a concrete JAX scalar is held to the same range (a traced one cannot be read): out of it,
     # it would wrap to another seed as uint32
-    if not isinstance(seed, jax.core.Tracer) and not 0 <= int(seed) < SEED_LIMIT:
-        raise ValueError(f"{name} must satisfy 0 <= seed < 2**31 - 8 (mase-triton's exact range), got {seed!r}")
+    if not isinstance(seed, jax.core.Tracer):
+        check_seed(name, int(seed))
 
 
 def advance_seed(seed, halves: int | None):
@@ -152,10 +120,10 @@ def random_bitflip(
     dtype = getattr(x, "dtype", None)
     if dtype is None or jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
         raise TypeError(f"random_bitflip: unsupported dtype {dtype}; expected float32, float16 or bfloat16")
-    _check_halves("exp_halves", exp_halves)
-    _check_halves("frac_halves", frac_halves)
-    check_seed("seed_exp", seed_exp)
-    check_seed("seed_frac", seed_frac)
+    check_halves("exp_halves", exp_halves)
+    check_halves("frac_halves", frac_halves)
+    _check_seed_or_scalar("seed_exp", seed_exp)
+    _check_seed_or_scalar("seed_frac", seed_frac)
     if zero_out_threshold is not None:
         if isinstance(zero_out_threshold, bool) or not isinstance(zero_out_threshold, (int, float, np.floating)):
             raise TypeError(f"zero_out_threshold must be a float or None, got {zero_out_threshold!r}")

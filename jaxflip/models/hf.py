@@ -15,13 +15,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxflip.bitflip import BitflipSeed
+from jaxflip.bitflip import LM_HEAD, BitflipSeed
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.sharding import state_shardings
 
 # in an HF state dict but not parameters: the tied head repeats embed_tokens.weight
-_TIED_HEAD_KEY = "lm_head.weight"
+LM_HEAD_WEIGHT = f"{LM_HEAD}.weight"
 
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -60,7 +60,7 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
             for path, variable in flat_state if not isinstance(variable, BitflipSeed)}
     ignored = {key for key in state_dict if key.endswith("rotary_emb.inv_freq")}  # older HF checkpoints
     if config.tie_word_embeddings:
-        ignored.add(_TIED_HEAD_KEY)
+        ignored.add(LM_HEAD_WEIGHT)
     missing = sorted(set(keys.values()) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(keys.values()) - ignored)
     if missing or unexpected:

@@ -30,6 +30,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxflip.bitflip.lora import LORA_RANK_AXIS
+
 MESH_AXES = ("dp", "fsdp")
 
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -41,7 +43,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": None,
     "mlp": None,
     "norm": None,
-    "lora_rank": None,
+    LORA_RANK_AXIS: None,
     # activation-only dimensions: whole on every device
     "activation_embed": None,
     "activation_heads": None,

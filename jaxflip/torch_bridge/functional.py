@@ -14,7 +14,8 @@ import jax
 import torch
 
 from jaxflip.kernels_pallas import random_bitflip as jax_random_bitflip
-from jaxflip.kernels_pallas.random_bitflip import advance_seed, check_seed
+from jaxflip.kernels_pallas.limits import check_seed
+from jaxflip.kernels_pallas.random_bitflip import advance_seed
 
 
 def to_jax(tensor: torch.Tensor) -> jax.Array:
@@ -67,9 +68,7 @@ def random_bitflip(x: torch.Tensor, exp_halves: int | None, frac_halves: int | N
     ``(y, next_seed_exp, next_seed_frac)``, differentiable in ``x``. Seeds must lie in
     ``[0, 2**31 - 8)``, jaxflip's contract (mase-triton wraps larger ones into 31 bits)."""
     for name, seed in (("seed_exp", seed_exp), ("seed_frac", seed_frac)):
-        if isinstance(seed, bool) or not isinstance(seed, int):  # torch layers keep Python ints
-            raise ValueError(f"{name} must be an int with 0 <= seed < 2**31 - 8, got {seed!r}")
-        check_seed(name, seed)
+        check_seed(name, seed)  # torch layers keep Python ints: no JAX scalars here
     if exp_halves is None and frac_halves is None and zero_out_threshold is None:
         return x, seed_exp, seed_frac
     y = RandomBitflipFunction.apply(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold)

@@ -19,6 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxflip.bitflip import LM_HEAD
+from jaxflip.bitflip.rules_file import parse_none
+from jaxflip.kernels_pallas.limits import flip_halves
+
 DTYPES = ("float32", "bfloat16")
 FLAVOR_ALIASES = {"8B": "llama3-8B", "70B": "llama3-70B", "3.1-8B": "llama3.1-8B"}
 
@@ -93,7 +97,7 @@ class BitflipConfig:
     x_p_frac: float | None = None
     x_zero_out_t: float | None = None
     base_seed: int | None = None  # set: independent per-layer seeds; None: mase-triton's (all 0)
-    skip_patterns: list[str] = field(default_factory=lambda: ["lm_head"])
+    skip_patterns: list[str] = field(default_factory=lambda: [LM_HEAD])
     rules: dict | None = None  # NewComputeBench regex rules; replaces the fields above when given
 
 
@@ -158,7 +162,7 @@ def _convert(value, hints, where: str):
     """``value`` as the field's declared type (TOML/YAML/CLI strings), or a ConfigError."""
     origin, args = typing.get_origin(hints), typing.get_args(hints)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if parse_none(value) is None:
             if type(None) in args:
                 return None
         return _convert(value, next(a for a in args if a is not type(None)), where)
@@ -277,9 +281,10 @@ def validate(config: TrainConfig) -> None:
     check(lo.r >= 0, "lora.r", "an integer >= 0", lo.r)
     check(0 < lo.lora_alpha < math.inf, "lora.lora_alpha", "a finite number > 0", lo.lora_alpha)
     for name in ("w_p_exp", "w_p_frac", "x_p_exp", "x_p_frac"):
-        value = getattr(b, name)
-        check(value is None or 0.5**24 <= value < 1, f"bitflip.{name}",
-              "a probability in [0.5**24, 1) or none", value)
+        try:
+            flip_halves(f"bitflip.{name}", getattr(b, name))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     for name in ("w_zero_out_t", "x_zero_out_t"):
         value = getattr(b, name)
         check(value is None or value >= 0, f"bitflip.{name}", "a number >= 0 or none", value)

@@ -1,20 +1,12 @@
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "models"))  # hf_models, the NewComputeBench transform
 
 from tiny_models import save_checkpoint, tiny_text_model
-
-
-@pytest.fixture(autouse=True)
-def float32_matmuls_in_float32():
-    """Parity at float32 tolerance needs true float32 matmuls; on GPU XLA would use TF32."""
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture

@@ -264,6 +264,9 @@ def test_sharded_pallas_kernel_equals_unsharded():
         np.testing.assert_array_equal(bits(y), bits(expected), err_msg=str(spec))
 
 
+OUT_OF_SEED_RANGE = r"must be an int in \[0, 2\*\*31 - 8\)"
+
+
 @pytest.mark.parametrize(
     "call,error,message",
     [
@@ -272,12 +275,12 @@ def test_sharded_pallas_kernel_equals_unsharded():
         (lambda x: jaxflip.random_bitflip(x, 2, 25, 0, 0), ValueError, "frac_halves must be in 1..24"),
         (lambda x: jaxflip.random_bitflip(x, 2.0, 2, 0, 0), TypeError, "exp_halves must be an int"),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, 0, -1.0), ValueError, "zero_out_threshold must be >= 0"),
-        (lambda x: jaxflip.random_bitflip(x, 2, 2, -1, 0), ValueError, "seed_exp must satisfy"),
-        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, 2**31 - 8), ValueError, "seed_frac must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, -1, 0), ValueError, "seed_exp " + OUT_OF_SEED_RANGE),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, 2**31 - 8), ValueError, "seed_frac " + OUT_OF_SEED_RANGE),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0.5, 0), TypeError, "seed_exp must be an int"),
-        (lambda x: jaxflip.random_bitflip(x, 2, 2, jnp.int32(-1), 0), ValueError, "seed_exp must satisfy"),
-        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.int32(2**31 - 2)), ValueError, "seed_frac must satisfy"),
-        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.uint32(2**32 - 1)), ValueError, "seed_frac must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, jnp.int32(-1), 0), ValueError, "seed_exp " + OUT_OF_SEED_RANGE),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.int32(2**31 - 2)), ValueError, "seed_frac " + OUT_OF_SEED_RANGE),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.uint32(2**32 - 1)), ValueError, "seed_frac " + OUT_OF_SEED_RANGE),
         (lambda x: jaxflip.find_nearest_prob_n_halves(1.0), ValueError, "in \\(0, 1\\)"),
         (lambda x: jaxflip.find_nearest_prob_n_halves(0.0), ValueError, "in \\(0, 1\\)"),
     ],

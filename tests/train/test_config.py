@@ -84,7 +84,7 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, message", [
     (["--training.stepz", "3"], "training.stepz: unknown field"),
-    (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp: expected a probability"),
+    (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp must be a probability in (0, 1)"),
     (["--training.lr", "fast"], "training.lr: expected a number"),
     (["--parallelism.fsdp_degree", "3"], "parallelism.fsdp_degree: 3 x data_parallel_replicate_degree 1 = 3 devices"),
     (["--parallelism.num_processes", "2"], "parallelism.coordinator_address: expected host:port of process 0"),

@@ -1,0 +1,69 @@
+"""The bitflip op's limits and the flip probability <-> halves mapping, checked in one place.
+
+The kernel's contract (``SPEC.md``): a flip probability is ``0.5 ** halves`` with ``halves`` in
+``1..MAX_HALVES``, and a Philox seed lies in ``[0, SEED_LIMIT)``. Every layer checks its inputs
+with these functions: the op itself, the rules (``jaxflip.bitflip``), the train config and the
+torch bridge. This module sits at the bottom, beside the op and importing nothing of jaxflip,
+because the op cannot import ``jaxflip.bitflip`` (which imports the op).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+MAX_HALVES = 24  # the smallest flip probability the kernel supports is 0.5**24
+SEED_LIMIT = 2**31 - 8  # 0 <= seed < 2**31 - 8: mase-triton's exact range
+
+
+def find_nearest_prob_n_halves(p: float | None) -> int | None:
+    """``ceil(log2(1 / p))``: the halves whose ``0.5 ** halves`` is the largest <= ``p``
+    (mase-triton's function: any p in (0, 1), also below the kernel's ``0.5 ** MAX_HALVES``)."""
+    return _nearest_halves("p", p)
+
+
+def calculate_flip_probability(halves: int | None) -> float | None:
+    """``0.5 ** halves``."""
+    if halves is None:
+        return None
+    check_halves("halves", halves)
+    return 0.5**halves
+
+
+def flip_halves(name: str, p: float | None) -> int | None:
+    """The halves of flip probability ``p`` (None: no flips), which must be one the kernel
+    supports: a number in (0, 1), at least ``0.5 ** MAX_HALVES``. Raises ``ValueError`` naming
+    ``name`` otherwise."""
+    halves = _nearest_halves(name, p)
+    if halves is not None and halves > MAX_HALVES:
+        raise ValueError(f"{name}={p!r} is below the smallest supported flip probability "
+                         f"0.5**{MAX_HALVES} = {0.5**MAX_HALVES:.3g}")
+    return halves
+
+
+def _nearest_halves(name: str, p) -> int | None:
+    if p is None:
+        return None
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
+        raise ValueError(f"{name} must be a probability in (0, 1) or None, got {p!r}")
+    inverse = 1 / float(p)
+    # below 2**-1024 (subnormal) 1 / p overflows to inf; -log2(p) is the same number there
+    return math.ceil(math.log2(inverse)) if math.isfinite(inverse) else math.ceil(-math.log2(p))
+
+
+def check_halves(name: str, halves) -> None:
+    """None, or an int in ``1..MAX_HALVES``; else ``TypeError`` / ``ValueError`` naming ``name``."""
+    if halves is None:
+        return
+    if isinstance(halves, bool) or not isinstance(halves, numbers.Integral):
+        raise TypeError(f"{name} must be an int in 1..{MAX_HALVES} or None, got {halves!r}")
+    if not 1 <= halves <= MAX_HALVES:
+        raise ValueError(f"{name} must be in 1..{MAX_HALVES} (flip probability 0.5**{name}), got {halves}")
+
+
+def check_seed(name: str, seed) -> int:
+    """``seed`` as an int when it is an integer in ``[0, SEED_LIMIT)``; else ``ValueError``
+    naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**31 - 8), got {seed!r}")
+    return int(seed)
