@@ -30,6 +30,22 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 _BITS = {"float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
 
 
+# Rules for whole-model parity (tests/models, tests/torch_bridge). Fraction flips on weights
+# only: the two frameworks' float32 activations differ by an ulp here and there, and XOR
+# amplifies that when the two values differ in a run of low bits (0111.. vs 1000..); with
+# activation fraction flips the whole-model test failed once in 13 runs (once in CI,
+# 2026-11-26). Weights are copied bit for bit, so their fraction flips agree exactly; activation
+# fraction flips are checked on identical inputs in tests/bitflip/test_linear_parity.py.
+MODEL_RULES = {
+    r"model\.layers\.1\.mlp\.(gate|up)_proj": dict(
+        x_p_exp=0.5**9, x_p_frac=None, x_zero_out_t=20.0, w_p_exp=0.5**8, w_p_frac=0.5**10, w_zero_out_t=0.5,
+        x_seed_exp=11, x_seed_frac=3, w_seed_exp=5, w_seed_frac=1),
+    r"model\.layers\.0\.self_attn\.o_proj": None,
+    "default": dict(x_p_exp=0.5**10, x_p_frac=None, x_zero_out_t=50.0, w_p_exp=0.5**10, w_p_frac=0.5**10,
+                    w_zero_out_t=1.0),
+}
+
+
 def available() -> bool:
     return mase_core is not None
 

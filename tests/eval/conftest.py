@@ -1,10 +1,5 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "models"))  # hf_models, the NewComputeBench transform
 
 from tiny_models import save_checkpoint, tiny_text_model
 
