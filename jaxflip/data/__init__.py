@@ -2,7 +2,7 @@
 
 from jaxflip.data.builtin import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
 from jaxflip.data.pipeline import BatchStream, StreamSpec
-from jaxflip.data.sources import load_documents, load_tokenizer, token_windows
+from jaxflip.data.sources import evaluation_windows, load_documents, load_tokenizer, token_windows
 
-__all__ = ["BUILTIN_NAME", "BatchStream", "StreamSpec", "builtin_documents", "builtin_tokenizer_dir", "load_documents", "load_tokenizer",
+__all__ = ["BUILTIN_NAME", "BatchStream", "StreamSpec", "builtin_documents", "builtin_tokenizer_dir", "evaluation_windows", "load_documents", "load_tokenizer",
            "token_windows"]

@@ -184,3 +184,15 @@ def token_windows(texts: Iterable[str], tokenizer, seq_len: int, *, buffer: list
             packed = np.asarray(buffer[:window], np.int32)
             del buffer[:window]  # before yielding: a caller saving ``buffer`` then sees the carry
             yield packed
+
+
+def evaluation_windows(tokenizer, *, dataset: str, split: str, subset: str | None, text_field: str, seq_len: int,
+                       num_sequences: int) -> np.ndarray:
+    """The first ``num_sequences`` packed windows (N, seq_len + 1) of the dataset, or fewer
+    when it runs out."""
+    documents = load_documents(dataset, split=split, subset=subset, text_field=text_field)
+    windows = list(itertools.islice(token_windows((row["text"] for row in documents), tokenizer, seq_len),
+                                    num_sequences))
+    if not windows:
+        raise ValueError(f"{dataset} ({split}) holds fewer than {seq_len + 1} tokens: no sequence to evaluate")
+    return np.stack(windows)

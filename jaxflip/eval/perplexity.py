@@ -8,7 +8,6 @@ weighs ``seq_len`` tokens.
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
+from jaxflip.data import BUILTIN_NAME, evaluation_windows
 from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer, resolve_bitflip_config
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import on_model_mesh
@@ -41,18 +40,6 @@ def _summed_cross_entropy(model, windows: jax.Array) -> jax.Array:
     logits = model(windows[:, :-1]).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.sum(jnp.take_along_axis(log_probs, windows[:, 1:, None], axis=-1))
-
-
-def evaluation_windows(tokenizer, *, dataset: str, split: str, subset: str | None, text_field: str, seq_len: int,
-                       num_sequences: int) -> np.ndarray:
-    """The first ``num_sequences`` packed windows (N, seq_len + 1) of the dataset, or fewer
-    when it runs out."""
-    documents = load_documents(dataset, split=split, subset=subset, text_field=text_field)
-    windows = list(itertools.islice(token_windows((row["text"] for row in documents), tokenizer, seq_len),
-                                    num_sequences))
-    if not windows:
-        raise ValueError(f"{dataset} ({split}) holds fewer than {seq_len + 1} tokens: no sequence to evaluate")
-    return np.stack(windows)
 
 
 def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> PerplexityRow:

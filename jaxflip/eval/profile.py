@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.bitflip import LM_HEAD, BitFlipLinear, named_linears, replace_module
+from jaxflip.data import evaluation_windows
 from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip_config
-from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, evaluation_windows, resolve_seq_len
+from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, resolve_seq_len
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import mesh_context, model_mesh
 

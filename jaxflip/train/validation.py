@@ -3,7 +3,7 @@
 ``eval_steps``, MaxText's ``eval_interval``).
 
 The batches are the first ``eval_steps x global_batch`` windows of the held-out split, packed
-as ``ppl`` packs them (``jaxflip.eval.perplexity.evaluation_windows``), the same at every
+as ``ppl`` packs them (``jaxflip.data.evaluation_windows``), the same at every
 evaluation; the loss is the training step's own forward (``step.forward_loss``), flips
 included. With ``eval_interval = 0`` nothing of this is built or compiled.
 """
@@ -14,6 +14,7 @@ import math
 
 import jax
 
+from jaxflip.data import evaluation_windows
 from jaxflip.train.config import ConfigError, TrainConfig
 from jaxflip.train.step import make_eval_step
 
@@ -22,8 +23,6 @@ class Validator:
     """``validator(state) -> {"val_loss", "val_perplexity"}`` on the held-out batches."""
 
     def __init__(self, config: TrainConfig, tokenizer, graphdef, shardings, batch_shard):
-        from jaxflip.eval.perplexity import evaluation_windows
-
         t, v = config.training, config.validation
         global_batch = t.local_batch_size * jax.device_count()
         dataset = v.dataset or config.data.dataset

@@ -14,7 +14,7 @@ from jaxflip.bitflip import match_rules
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.data import load_tokenizer
 from jaxflip.eval.__main__ import main
-from jaxflip.eval.perplexity import evaluation_windows
+from jaxflip.data import evaluation_windows
 from jaxflip.kernels_pallas import calculate_flip_probability
 
 mase_reference.install_cpu_kernels()

@@ -12,7 +12,7 @@ from tiny_models import save_checkpoint, tiny_text_model
 from jaxflip.bitflip import BitFlipLinear, named_linears
 from jaxflip.data import load_tokenizer
 from jaxflip.eval.__main__ import main
-from jaxflip.eval.perplexity import evaluation_windows
+from jaxflip.data import evaluation_windows
 from jaxflip.eval.profile import PERCENTILES, abs_histogram, percentiles
 
 SEQ_LEN, SEQUENCES, BATCH = 16, 3, 2
