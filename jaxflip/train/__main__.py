@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             from jaxflip.train.plan import DEFAULT_SCENARIOS, Scenario, format_plan, plan
 
             scenarios = Scenario.parse_list(DEFAULT_SCENARIOS if args.plan is True else args.plan)
-            print(format_plan(config, plan(config, scenarios)))
+            plans = plan(config, scenarios)
+            print(format_plan(config, plans))
+            print("plan: " + json.dumps([p.summary() for p in plans]))
             return 0
         if args.print_config:
             from jaxflip.train.loop import derived_numbers

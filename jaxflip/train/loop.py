@@ -106,7 +106,11 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     start = 0
     latest = checkpointer.latest_step() if checkpointer else None
     if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract, shardings)
+        # checkpoints leave out the frozen weights (LoRA's base): never trained, they are rebuilt
+        # from their source above (hf_model_path, checkpoint or the random init's seed)
+        restored, data_state = checkpointer.restore(latest, abstract._replace(frozen=None),
+                                                    shardings._replace(frozen=None))
+        state = restored._replace(frozen=state.frozen)
         start = latest
         if main_process:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
@@ -166,7 +170,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     if on_step is not None:
                         on_step(step, record)
                 if checkpointer and (step % t.save_freq == 0 or step == t.steps or stop.requested):
-                    checkpointer.save(step, state, stream.state(), force=stop.requested)
+                    checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stop.requested)
                 if stop.requested:
                     break
         if checkpointer:

@@ -197,6 +197,15 @@ class MemoryPlan:
     def total(self) -> float:
         return sum(self.state.values()) + self.gradients + self.activations_fixed + self.activations
 
+    def summary(self) -> dict:
+        """The figures in GiB, for scripts (``benchmarks/summarize_runs.py``)."""
+        gib = 2**30
+        return {"gpus": self.scenario.gpus, "gb": self.scenario.gb, "mesh": self.mesh, "attention": self.attention,
+                "local_batch_size": self.local_batch_size,
+                **{f"{part}_gib": value / gib for part, value in self.state.items()},
+                "gradients_gib": self.gradients / gib, "activations_gib": (self.activations + self.activations_fixed) / gib,
+                "total_gib": self.total / gib, "usable_gib": self.usable / gib, "max_local_batch": self.max_local_batch}
+
     @property
     def max_local_batch(self) -> int:
         free = self.usable - (self.total - self.activations)

@@ -34,3 +34,17 @@ def test_a_single_process_checkpoint_of_the_per_process_layout_still_resumes(tmp
     (folder / DATA_STATE_FILE).rename(folder / "process_0.json")
     assert checkpointer.restore(1, abstract, shardings)[1] == POSITION
     checkpointer.close()
+
+
+def test_a_checkpoint_holding_arrays_the_state_no_longer_has_still_resumes(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
+    rng = np.random.default_rng()
+    kept, dropped = rng.standard_normal(5).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    checkpointer.save(4, {"w": jnp.asarray(kept), "frozen": jnp.asarray(dropped)}, POSITION)
+    checkpointer.close()
+    reopened = Checkpointer(tmp_path, keep=2, async_save=False)  # a new run: a fresh Orbax manager
+    abstract = {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}
+    state, _ = reopened.restore(4, abstract, {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+    assert list(state) == ["w"]
+    np.testing.assert_array_equal(state["w"], kept)
+    reopened.close()
