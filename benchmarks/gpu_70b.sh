@@ -36,7 +36,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 # the 70B step needs ~90 of the H200's 141 GB: more than JAX's default 75% share would leave
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE="" \
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92} JAX_LOG_COMPILES=1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 recipe=(--config configs/llama3-70b-lora.toml --model.hf_model_path "" --parallelism.fsdp_degree -1
         --data.dataset builtin:moby-dick --data.tokenizer builtin --training.warmup_steps 2 "${tiny[@]}")
@@ -48,7 +48,7 @@ train() {  # train RUN_NAME ARGS...: plan, then train, in $OUT/RUN_NAME
   mkdir -p "$OUT/$name"
   python3 -m jaxflip.train "${recipe[@]}" "$@" --plan "${gpus}x${GPU_GB:-141}" > "$OUT/$name/plan.txt" 2>&1
   date +%s.%N > "$OUT/$name/launch_time"
-  timeout ${RUN_TIMEOUT:-560} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" "${common[@]}" \
+  JAX_LOG_COMPILES=1 timeout ${RUN_TIMEOUT:-560} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" "${common[@]}" \
     >> "$OUT/$name/log.txt" 2>&1
   echo "$name rc=$?"; grep -E "^step |Error|error:" "$OUT/$name/log.txt" | head -4
 }

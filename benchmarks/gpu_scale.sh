@@ -30,7 +30,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE="" JAX_LOG_COMPILES=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE=""
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 recipe=(--config configs/aixsim-1.1B.toml --parallelism.fsdp_degree -1 --data.dataset builtin:moby-dick
         --data.tokenizer builtin --training.warmup_steps 10 --bitflip.enable ${FLIPS:-true} "${tiny[@]}")
@@ -48,7 +48,7 @@ train() {  # train RUN_NAME GPUS ARGS...: plan, then train, in $OUT/RUN_NAME
   fi
   env "${env[@]}" python3 -m jaxflip.train "${recipe[@]}" "$@" --plan "${count}x${GPU_GB:-80}" > "$OUT/$name/plan.txt" 2>&1
   date +%s.%N > "$OUT/$name/launch_time"
-  env "${env[@]}" timeout ${RUN_TIMEOUT:-150} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" \
+  env "${env[@]}" JAX_LOG_COMPILES=1 timeout ${RUN_TIMEOUT:-150} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" \
     "${common[@]}" > "$OUT/$name/log.txt" 2>&1
   echo "$name rc=$?"; grep -E "^step |Error|error:" "$OUT/$name/log.txt" | head -3
 }

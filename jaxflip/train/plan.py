@@ -20,8 +20,8 @@ The activation formula, per device, ``n = local_batch_size * seq_len`` tokens, c
 
 * ``remat = "full"``: the scan keeps each layer's input, ``L * n * d * c``; the backward
   recomputes one layer at a time, so the peak adds one layer's live set (below, x2 for its
-  gradients) or the LM head's (bf16 logits, float32 log-softmax and its gradient:
-  ``n * V * (c + 8)``), whichever is larger. ``remat = "none"``: every layer's live set is
+  gradients) or the LM head's (the logits in the compute dtype and one float32 copy that the
+  log-softmax and its gradient share: ``n * V * (c + 4)``), whichever is larger. ``remat = "none"``: every layer's live set is
   kept (``L`` of them); ``"dots"``: the matmul outputs of each layer are kept, the rest
   recomputed.
 * One layer's live set per token: the residual and the two norms' outputs, each Linear's
@@ -168,7 +168,7 @@ def activation_bytes(training: AbstractTraining, config: TrainConfig, fsdp: int,
     layers = m.num_hidden_layers
     live = layer_live_bytes_per_token(training, config, attention)
     saved = layer_saved_bytes_per_token(training, config, attention)
-    head = m.vocab_size * (c + 8)
+    head = m.vocab_size * (c + 4)
     if training.lm_head is not None and training.lm_head.x_flip.enabled:
         head += m.hidden_size * (c + 1)
     per_token = layers * saved + max(2 * live, head)
