@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_scale.sh throughput  the recipe's 6 x 2048 tokens per GPU on each GPU
 #                                            count (weak scaling: tokens/s per GPU, MFU, peak)
 #   bash benchmarks/gpu_scale.sh losses      the same global batch (BATCH_GLOBAL, default 8
-#                                            sequences) on each count: the first 10 losses
+#                                            sequences of 1024 tokens: 8 x 2048 does not fit
+#                                            one 80 GB GPU) on each count: the first 10 losses
 #                                            must agree (same data, same flips per element)
 #   bash benchmarks/gpu_scale.sh             both (about 9 minutes: near the 10-minute call limit)
 # Runs land in $OUT/<run>/ (plan.txt, log.txt, metrics.jsonl); benchmarks/summarize_runs.py
@@ -19,7 +20,7 @@ steps=${STEPS:-20} loss_steps=${STEPS:-10}
 if [ -n "${DRY_RUN:-}" ]; then
   : "${OUT:=$(mktemp -d)}"
   export XLA_FLAGS="--xla_force_host_platform_device_count=8" JAX_PLATFORMS=cpu
-  tiny=(--model.flavor aixsim-debug --model.vocab_size 4096 --training.seq_len 64)
+  tiny=(--model.flavor aixsim-debug --model.vocab_size 4096 --training.seq_len 64); LOSS_SEQ_LEN=64
   steps=2 loss_steps=2 per_gpu=1 global=8
 else
   tiny=(); per_gpu=${BATCH_PER_GPU:-6}; global=${BATCH_GLOBAL:-8}
@@ -30,7 +31,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE=""
+# the plan (--plan 1x80) puts 1 GPU at 6 x 2048 near 68 GiB: more than JAX's default 75% of 80 GB
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE="" \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 recipe=(--config configs/aixsim-1.1B.toml --parallelism.fsdp_degree -1 --data.dataset builtin:moby-dick
         --data.tokenizer builtin --training.warmup_steps 10 --bitflip.enable ${FLIPS:-true} "${tiny[@]}")
@@ -60,7 +63,7 @@ for count in ${COUNTS:-1 2 4 8}; do
   fi
   if [ "$mode" = losses ] || [ "$mode" = both ]; then
     train "1.1B-${count}gpu-$flips-global$global" "$count" --training.local_batch_size $((global / count)) \
-      --training.steps $loss_steps
+      --training.steps $loss_steps --training.seq_len ${LOSS_SEQ_LEN:-1024}
   fi
 done
 python3 benchmarks/summarize_runs.py "$OUT"

@@ -24,9 +24,10 @@ The activation formula, per device, ``n = local_batch_size * seq_len`` tokens, c
   log-softmax and its gradient share: ``n * V * (c + 4)``), whichever is larger. ``remat = "none"``: every layer's live set is
   kept (``L`` of them); ``"dots"``: the matmul outputs of each layer are kept, the rest
   recomputed.
-* One layer's live set per token: the residual and the two norms' outputs, each Linear's
-  output (and, when its input flips, the flipped copy plus the int8 keep mask the backward
-  reuses), RoPE'd q and k, the attention output, the MLP's gate activation and product. With
+* One layer's live set per token: the residual, the two norms' outputs and float32 inputs,
+  each Linear's output (and, when its input flips, the flipped copy plus the int8 keep mask
+  the backward reuses; an input whose every reader flips it is not kept itself), RoPE'd q
+  and k, the attention output, the MLP's sigmoid, activation and product. With
   XLA's attention (CPU, or float32 on GPU) the ``heads x seq_len`` scores per token (float32
   and the compute dtype) too; cuDNN's fused attention (GPU, bfloat16) keeps only its
   softmax statistics.
@@ -130,17 +131,28 @@ def _flips(linear: BitFlipLinear) -> tuple[bool, bool]:
     return linear.x_flip.enabled, linear.w_flip.enabled
 
 
+# the Linears of a decoder layer that share one input (a norm's output, the attention's, the MLP product)
+_SHARED_INPUTS = {"self_attn.q_proj": "attention_in", "self_attn.k_proj": "attention_in",
+                  "self_attn.v_proj": "attention_in", "self_attn.o_proj": "attention_out",
+                  "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "mlp_product"}
+
+
 def layer_live_bytes_per_token(training: AbstractTraining, config: TrainConfig, attention: str) -> float:
     """One decoder layer's forward tensors per token (see the module docstring)."""
     m = training.model_config
     c = np.dtype(config.training.mixed_precision_param).itemsize
-    d, heads = m.hidden_size, m.num_attention_heads
+    d, heads, mlp = m.hidden_size, m.num_attention_heads, m.intermediate_size
     q, kv = heads * m.head_dim, m.num_key_value_heads * m.head_dim
-    elements = 3 * d + (q + kv) + q + 2 * m.intermediate_size  # residual, 2 norms; rope q,k; attention; act, product
-    total = elements * c
-    for linear in training.layer_linears.values():
+    # residual, 2 norm outputs; RoPE'd q, k; attention output; the MLP's sigmoid, activation, product
+    total = (3 * d + (q + kv) + q + 3 * mlp) * c + 2 * d * 4  # + the norms' float32 inputs
+    inputs: dict[str, list[bool]] = {}
+    for name, linear in training.layer_linears.items():
         flips_x, _ = _flips(linear)
         total += linear.out_features * c + (linear.in_features * (c + 1) if flips_x else 0)
+        inputs.setdefault(_SHARED_INPUTS.get(name, name), []).append(flips_x)
+    # an input only flipped copies are made of is not kept itself
+    sizes = {"attention_in": d, "attention_out": q, "mlp_in": d, "mlp_product": mlp}
+    total -= sum(sizes.get(group, 0) * c for group, flipped in inputs.items() if all(flipped))
     if attention == "xla":
         total += heads * config.training.seq_len * (4 + c)
     else:
