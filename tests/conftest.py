@@ -15,3 +15,32 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import contextlib  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size, read_only=False)``: a fresh tmpfs of ``size`` bytes under ``tmp_path``
+    (a full or read-only disk, real to every writer, C++ included); skips where mounting is
+    not allowed (not root, no Linux). Unmounted after the test."""
+    mounted = []
+
+    def mount(size: int, *, read_only: bool = False):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip() or result.returncode})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import numpy as np
 import torch
@@ -18,8 +19,11 @@ import torch
 try:
     import triton
     from mase_triton.random_bitflip import core as mase_core
+    from mase_triton.random_bitflip.layers import RandomBitFlipLinear
+    from mase_triton.utils.torch_module import set_layer_by_name
 except ImportError:  # pragma: no cover - the parity extra is not installed
     triton = mase_core = None
+    RandomBitFlipLinear = torch.nn.Linear  # a base class for BitFlipLinearLora that is never used
 
 INTERPRET_BLOCK = 65536
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -116,3 +120,54 @@ def install_cpu_kernels() -> None:
     mase_core._random_bitflip_backward.register_kernel("cpu")(mase_core._random_bitflip_backward._init_fn)
     torch.cuda.device = lambda index: contextlib.nullcontext()
     _installed = True
+
+
+class BitFlipLinearLora(RandomBitFlipLinear):
+    """NewComputeBench's ``BitFlipLinearLora``: mase's ``RandomBitFlipLinear`` whose flipped
+    weight is the LoRA-adapted one, ``W + (B @ A) * lora_alpha / r``."""
+
+    def __init__(self, *args, r, lora_alpha, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaling = lora_alpha / r
+        self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        if not (self.x_p_exp is None and self.x_p_frac is None and self.x_zero_out_t is None):
+            x, self.x_seed_exp, self.x_seed_frac = mase_core.random_bitflip_fn(
+                x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
+                self.x_zero_out_t)
+        w = self.weight + (self.lora_B @ self.lora_A) * self.scaling
+        if not (self.w_p_exp is None and self.w_p_frac is None and self.w_zero_out_t is None):
+            w, self.w_seed_exp, self.w_seed_frac = mase_core.random_bitflip_fn(
+                w, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
+                self.w_zero_out_t)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+
+def newcomputebench_transform(model: torch.nn.Module, rules: dict, lora: dict | None = None) -> dict:
+    """Replace each nn.Linear a rule selects (first full match in order, else ``default``, the
+    LM head only when named) by mase-triton's layer, as NewComputeBench's transform does; with
+    ``lora`` (``{"r": ..., "lora_alpha": ...}``) by ``BitFlipLinearLora`` holding the same
+    weight and bias (its A fresh, its B zero). Returns the new layers by name."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        pattern = next((p for p in rules if p != "default" and re.fullmatch(p, name)), None)
+        if pattern is None and name != "lm_head" and "default" in rules:
+            pattern = "default"
+        if pattern is None or rules[pattern] is None:
+            continue
+        if lora is None:
+            replaced[name] = RandomBitFlipLinear.from_linear(module, **rules[pattern])
+        else:
+            replaced[name] = BitFlipLinearLora(module.in_features, module.out_features, module.bias is not None,
+                                               module.weight.device, module.weight.dtype, **lora, **rules[pattern])
+            with torch.no_grad():
+                replaced[name].weight.copy_(module.weight)
+                if module.bias is not None:
+                    replaced[name].bias.copy_(module.bias)
+        set_layer_by_name(model, name, replaced[name])
+    return replaced

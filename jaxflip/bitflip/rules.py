@@ -94,10 +94,7 @@ def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "refere
     """
     if seed_mode not in SEED_MODES:
         raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
-    if not isinstance(rules, Mapping):
-        raise ValueError(f"bitflip rules must be a mapping from layer-name regex to settings, got {type(rules).__name__}")
-    settings = {pattern: _parse_rule(pattern, rule) for pattern, rule in rules.items()}
-    patterns = {pattern: _compile(pattern) for pattern in rules if pattern != DEFAULT}
+    settings, patterns = parse_rules(rules)
     for pattern, regex in patterns.items():
         if not any(regex.fullmatch(name) for name in layer_names):
             raise ValueError(
@@ -119,6 +116,17 @@ def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "refere
                 seeds = tuple(independent_seed(base_seed, name, seed_name) for seed_name in SEED_NAMES)
         table.append(RuleRow(name, pattern, x_flip, w_flip, seeds))
     return table
+
+
+def parse_rules(rules: Mapping) -> tuple[dict, dict[str, re.Pattern]]:
+    """``(settings, patterns)``: each rule's ``(x_flip, w_flip, seeds)`` (None: skip) and each
+    pattern but ``default`` compiled. Raises ``ValueError`` as ``match_rules`` does, less the
+    check that needs the layer names."""
+    if not isinstance(rules, Mapping):
+        raise ValueError(f"bitflip rules must be a mapping from layer-name regex to settings, got {type(rules).__name__}")
+    settings = {pattern: _parse_rule(pattern, rule) for pattern, rule in rules.items()}
+    patterns = {pattern: _compile(pattern) for pattern in rules if pattern != DEFAULT}
+    return settings, patterns
 
 
 def _compile(pattern) -> re.Pattern:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxflip.bitflip.rules import DEFAULT, PROBABILITY_KEYS, SEED_MODES, THRESHOLD_KEYS
+from jaxflip.bitflip.rules import DEFAULT, PROBABILITY_KEYS, SEED_MODES, THRESHOLD_KEYS, parse_rules
 
 SECTION = "bitflip"
 SETTING_KEYS = PROBABILITY_KEYS + THRESHOLD_KEYS
@@ -53,9 +53,10 @@ def load_bitflip_config(path: str | Path, *, layer_names: Collection[str] | None
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path}: expected a mapping of bitflip rules or a [{SECTION}] table")
     try:
-        if SECTION in raw:
-            return bitflip_section_to_rules(raw[SECTION], layer_names=layer_names)
-        return _rules(raw), "reference", 0
+        rules, seed_mode, base_seed = (bitflip_section_to_rules(raw[SECTION], layer_names=layer_names)
+                                       if SECTION in raw else (_rules(raw), "reference", 0))
+        parse_rules(rules)  # every rule's settings, checked before any model is at hand
+        return rules, seed_mode, base_seed
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 

@@ -2,8 +2,8 @@
 HF transformers, torchtitan and jaxflip (Orbax). ``--help`` after a command lists its options.
 
 Bad input (a missing file, a shape that disagrees with the config, unknown or missing keys, a
-model that is not a Llama) ends with one ``error: ...`` line and exit status 1; DST is then
-left as it was.
+model that is not a Llama) ends with one ``error: ...`` line and exit status 2 (1 for a fault
+of the environment: disk full, no permission); DST is then left as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxflip.cli import exit_status
 from jaxflip.convert.common import DTYPE_CHOICES, parse_size
+from jaxflip.models.checkpoint import DestinationExistsError
 from jaxflip.models.flavors import FLAVORS
 
 
@@ -93,14 +95,18 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (0, or 1 after an ``error:`` line)."""
+    """The CLI; returns the exit status: 0, or after an ``error:`` line 2 for bad input and 1
+    for a fault of the environment (disk full, permissions)."""
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, OSError) as error:  # ConversionError, the model's checks, missing or existing paths
+    except DestinationExistsError as error:
+        print(f"error: {error.path} exists; pass --overwrite to replace it", file=sys.stderr)
+        return exit_status(error)
+    except (ValueError, OSError) as error:  # ConversionError, the model's checks, paths, the disk
         # library messages can span lines; the contract is one line
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+        return exit_status(error)
     print(summary)
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,8 +23,8 @@ from jax.sharding import Mesh
 
 from jaxflip.convert.common import (BFLOAT16, CheckpointSource, ConversionError, Progress, TensorSource,
                                     TorchFileSource, load_torch_file, resolve_dtype)
-from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_params, copy_tokenizer_files,
-                                       expected_params, tokenizer_path, write_aside)
+from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
+                                       copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.hf import llama_from_hf_state_dict
 from jaxflip.models.llama import LlamaForCausalLM
@@ -47,14 +48,14 @@ def resolve_hf_folder(path_or_hub_id: str | os.PathLike) -> Path:
         raise ConversionError(f"{path}: no such file or folder")
     from huggingface_hub import snapshot_download
 
+    from jaxflip.data.sources import hub_failure
+
     try:
         folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_FILES))
         if not any(folder.glob("*.safetensors")):  # an older repository: torch.save weights only
             folder = Path(snapshot_download(str(path_or_hub_id), allow_patterns=["pytorch_model*.bin"]))
     except Exception as error:  # noqa: BLE001 (network, authentication, unknown repository: all end the same way)
-        reason = " ".join(str(error).split())[:200]
-        raise ConversionError(f"{path_or_hub_id}: no such folder, and downloading it from the Hugging Face Hub "
-                              f"failed ({type(error).__name__}: {reason})") from None
+        raise hub_failure(str(path_or_hub_id), error) from None
     return folder
 
 
@@ -92,24 +93,24 @@ class SafetensorsSource(TensorSource):
         self.shapes, self.dtypes = {}, {}
         for file in files:
             header, data_start = read_safetensors_header(file)
+            data_bytes = file.stat().st_size - data_start
             for name, entry in header.items():
-                if entry["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ConversionError(f"{file}: {name} has dtype {entry['dtype']}, which is not supported")
-                begin, end = entry["data_offsets"]
+                shape, dtype, (begin, end) = safetensors_entry(file, name, entry, data_bytes)
                 self.locations[name] = (file, data_start + begin, end - begin)
-                self.shapes[name] = tuple(entry["shape"])
-                self.dtypes[name] = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+                self.shapes[name] = shape
+                self.dtypes[name] = dtype
 
     def read(self, name: str) -> np.ndarray:
         file, offset, count = self.locations[name]
-        array = np.empty(self.shapes[name], self.dtypes[name])
-        if array.nbytes != count:
-            raise ConversionError(f"{file}: {name} takes {count} bytes, not the {array.nbytes} of its shape and dtype")
+        array = np.empty(self.shapes[name], self.dtypes[name])  # of count bytes: see safetensors_entry
         with open(file, "rb") as f:
             f.seek(offset)
             if f.readinto(array.reshape(-1).view(np.uint8)) != count:
                 raise ConversionError(f"{file}: ends inside tensor {name}")
         return array
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:
@@ -118,11 +119,40 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     try:
         with open(file, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size - 8):
+                raise ValueError(f"a header of {length} bytes, beyond the file or the format's limit")
             header = json.loads(f.read(length))
     except (OSError, ValueError) as error:
         raise ConversionError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{file}: not a readable safetensors file (the header is a {type(header).__name__}, "
+                              f"not a table of tensors)")
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+def safetensors_entry(file: Path, name: str, entry, data_bytes: int) -> tuple[tuple, np.dtype, tuple[int, int]]:
+    """``(shape, dtype, (begin, end))`` of one header entry, checked: a known dtype, a shape of
+    integers >= 0 whose bytes are ``end - begin``, offsets within the file's ``data_bytes``."""
+    def is_index(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(entry, dict):
+        raise ConversionError(f"{file}: header entry {name} is not a table")
+    if entry.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ConversionError(f"{file}: {name} has dtype {entry.get('dtype')}, which is not supported")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(is_index(size) for size in shape):
+        raise ConversionError(f"{file}: {name} has no valid shape (a list of integers >= 0), got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_index(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_bytes):
+        raise ConversionError(f"{file}: {name} has no valid data_offsets within the file's {data_bytes} data bytes, "
+                              f"got {offsets!r}")
+    dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+    if math.prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+        raise ConversionError(f"{file}: {name} takes {offsets[1] - offsets[0]} bytes, not the "
+                              f"{math.prod(shape) * dtype.itemsize} of its shape {shape} and dtype {entry['dtype']}")
+    return tuple(shape), dtype, tuple(offsets)
 
 
 def sharded_files(index_path: Path) -> list[Path]:
@@ -165,6 +195,7 @@ def open_hf(path_or_hub_id: str | os.PathLike, dtype: str) -> tuple[Path, Tensor
     hf_config = read_hf_config(folder)
     source = open_hf_weights(folder)
     names = parameter_names(source, tied=hf_config.get("tie_word_embeddings", False))
+    check_floating(folder, {name: source.dtypes[name] for name in names})
     config = llama_config(folder, hf_config, resolve_dtype(dtype, [source.dtypes[name] for name in names]))
     check_params(folder, {name: source.shapes[name] for name in names}, expected_params(config))
     return folder, source, config, names
@@ -252,6 +283,18 @@ def hf_config_dict(config: LlamaConfig, dtype: str) -> dict:
     }
 
 
+def special_token_ids(tokenizer_dir: Path | None) -> dict:
+    """``bos_token_id`` and ``eos_token_id`` for ``config.json``, from the checkpoint's
+    tokenizer (a jaxflip checkpoint keeps them nowhere else; transformers' ``generate`` reads
+    them from the config); none without a tokenizer."""
+    if tokenizer_dir is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
 class SafetensorsShardWriter:
     """Writes tensors into ``model-0000i-of-0000N.safetensors`` files of about
     ``max_shard_bytes`` and their ``model.safetensors.index.json`` (one ``model.safetensors``
@@ -307,7 +350,8 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             writer.add(name, array)
             progress.update(array)
         writer.finish()
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(source.config, out_dtype), indent=2))
+        config = hf_config_dict(source.config, out_dtype) | special_token_ids(tokenizer_path(src))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_path(src) is not None:
             copy_tokenizer_files(tokenizer_path(src), staging)
     return progress.summary()

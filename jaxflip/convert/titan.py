@@ -27,7 +27,9 @@ NewComputeBench's torchtitan-to-HF conversion, and torchtitan's own state-dict a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -36,8 +38,9 @@ import numpy as np
 
 from jaxflip.convert.common import (CheckpointSource, ConversionError, Progress, TensorSource, TorchFileSource,
                                     load_torch_file, numpy_dtype, numpy_to_torch, resolve_dtype, torch_to_numpy)
-from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_params, expected_params,
-                                       write_aside)
+from jaxflip.convert.hf import has_tokenizer, hf_config_dict, special_token_ids
+from jaxflip.models.checkpoint import (DEFAULT_SHARD_BYTES, CheckpointWriter, check_floating, check_params,
+                                       copy_tokenizer_files, expected_params, tokenizer_path, write_aside)
 from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.flavors import FLAVORS, get_flavor
 
@@ -111,18 +114,57 @@ def halves_to_interleaved(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(0, 2, 1, 3).reshape(rows, columns)
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file admitting only what such a file holds: DCP's metadata
+    classes, torch dtypes, layouts and ``Size``, paths and a few builtins. A pickle names the
+    callables it runs; torch's own reader would run any of them (code in a crafted file)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+               *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+               *(("builtins", name) for name in ("set", "frozenset", "slice", "complex", "bytearray"))}
+
+    def find_class(self, module: str, name: str):
+        import torch
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type) \
+                and getattr(dcp_metadata, name).__module__ == module:
+            return getattr(dcp_metadata, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a DCP metadata file does not hold "
+                                     f"(refused: unpickling it could run code)")
+
+
+def read_dcp_metadata(folder: Path):
+    """A DCP folder's ``Metadata``, read as ``FileSystemReader.read_metadata`` does but through
+    ``MetadataUnpickler``."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    try:
+        with open(folder / ".metadata", "rb") as file:
+            metadata = MetadataUnpickler(file).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, ImportError, IndexError,
+            KeyError) as error:  # what a corrupt or foreign pickle raises
+        raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise ConversionError(f"{folder}: the DCP metadata holds a {type(metadata).__name__}, not a Metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
 class DCPSource(TensorSource):
     """The tensors of a DCP folder, each loaded alone by ``dcp.load`` (which reads that
     tensor's chunks from every rank's file) with the metadata read once."""
 
     def __init__(self, folder: Path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        try:
-            self.metadata = dcp.FileSystemReader(folder).read_metadata()
-        except Exception as error:  # noqa: BLE001 (a corrupt .metadata surfaces as various errors)
-            raise ConversionError(f"{folder}: cannot read the DCP metadata ({type(error).__name__}: {error})") from None
+        self.metadata = read_dcp_metadata(folder)
         self.folder = folder
         self.entries = {fqn: entry for fqn, entry in self.metadata.state_dict_metadata.items()
                         if isinstance(entry, TensorStorageMetadata)}
@@ -132,6 +174,7 @@ class DCPSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         metadata = self.metadata
 
@@ -141,8 +184,14 @@ class DCPSource(TensorSource):
 
         entry = self.entries[name]
         tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-        with single_process():
-            dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        try:
+            with single_process():
+                dcp.load({name: tensor}, storage_reader=CachedMetadataReader(self.folder), no_dist=True)
+        # a truncated or missing .distcp fails inside DCP's reader, as a CheckpointException (a BaseException)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            lines = str(error).strip().splitlines()
+            raise ConversionError(f"{self.folder}: cannot read {name} ({type(error).__name__}: "
+                                  f"{lines[-1] if lines else ''})") from None
         return torch_to_numpy(tensor)
 
 
@@ -186,8 +235,9 @@ def open_titan(src: str | os.PathLike) -> TensorSource:
 
 
 def flavor_from_shapes(shapes: dict[str, tuple]) -> str:
-    """The one flavor whose shapes these are (HF names): vocabulary, widths, depth, q and kv
-    widths, tied head or not."""
+    """The one flavor whose shapes these are (HF names): widths, depth, q and kv widths, tied
+    head or not. The vocabulary is not compared: torchtitan takes it from the tokenizer, and
+    ``titan_to_orbax`` takes it from the embedding."""
     try:
         vocab, hidden = shapes["model.embed_tokens.weight"]
         found = (vocab, hidden, shapes["model.layers.0.mlp.gate_proj.weight"][0],
@@ -198,8 +248,8 @@ def flavor_from_shapes(shapes: dict[str, tuple]) -> str:
         raise ConversionError(f"cannot tell the flavor: no {error.args[0]} among the tensors; "
                               f"pass --flavor or --config") from None
     matches = [name for name, c in FLAVORS.items()
-               if (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads * c.head_dim,
-                   c.num_key_value_heads * c.head_dim, c.tie_word_embeddings) == found]
+               if (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads * c.head_dim,
+                   c.num_key_value_heads * c.head_dim, c.tie_word_embeddings) == found[1:]]
     if len(matches) != 1:
         what = f"several flavors ({', '.join(matches)})" if matches else "no known flavor"
         raise ConversionError(f"the shapes (vocab {vocab}, dim {hidden}, {found[3]} layers, ffn {found[2]}) match {what}; "
@@ -211,10 +261,18 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
                    config: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
                    dtype: str = "keep", overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     """Convert a torchtitan checkpoint into a jaxflip checkpoint at ``dst``. The model is the
-    named ``flavor``, or the HF ``config.json`` at ``config``, or else the one flavor with
-    these shapes. ``tokenizer_dir``: tokenizer files to bundle. Returns the summary line."""
+    named ``flavor``, or the HF ``config.json`` at ``config``, or the ``config.json`` beside the
+    DCP files (``orbax_to_titan`` writes one), or else the one flavor with these shapes; with a
+    flavor, the vocabulary is the embedding's (torchtitan's comes from its tokenizer).
+    ``tokenizer_dir``: tokenizer files to bundle (default: those beside the DCP files, if any).
+    Returns the summary line."""
     if flavor is not None and config is not None:
         raise ConversionError("pass --flavor or --config, not both")
+    beside = Path(src) if Path(src).is_dir() else None
+    if config is None and flavor is None and beside is not None and (beside / "config.json").is_file():
+        config = beside / "config.json"
+    if tokenizer_dir is None and beside is not None and has_tokenizer(beside):
+        tokenizer_dir = beside
     source = open_titan(src)
     # an unknown key keeps its torchtitan name, so that the shape check reports it
     titan_names = {hf_name(name) or name: name for name in source.shapes}
@@ -226,12 +284,14 @@ def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: st
         except (OSError, KeyError, TypeError, ValueError) as error:
             raise ConversionError(f"{config}: not a usable HF Llama config ({type(error).__name__}: {error})") from None
     else:
-        llama = get_flavor(flavor or flavor_from_shapes(shapes), param_dtype=param_dtype)
+        vocab = {"vocab_size": shapes["model.embed_tokens.weight"][0]} if "model.embed_tokens.weight" in shapes else {}
+        llama = get_flavor(flavor or flavor_from_shapes(shapes), param_dtype=param_dtype, **vocab)
     if llama.tie_word_embeddings:
         # torchtitan's state dict names the tied head as well; it repeats the embedding
         shapes.pop("lm_head.weight", None)
         titan_names.pop("lm_head.weight", None)
     check_params(src, shapes, expected_params(llama))
+    check_floating(src, {hf: source.dtypes[name] for hf, name in titan_names.items()})
     with (Progress(len(titan_names), f"titan-to-orbax {param_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
         writer = CheckpointWriter(staging, llama, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
@@ -251,7 +311,9 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
                    key_names: str = "torchtitan", overwrite: bool = False) -> str:
     """Convert a jaxflip checkpoint into a torchtitan DCP folder of model weights (as
     torchtitan writes them with ``last_save_model_only``), in the ``key_names`` naming
-    (``torchtitan``: 0.3, ``legacy``: NewComputeBench's). Returns the summary line."""
+    (``torchtitan``: 0.3, ``legacy``: NewComputeBench's), with the model's HF ``config.json``
+    and the checkpoint's tokenizer files beside them, so that ``titan_to_orbax`` (or a
+    torchtitan job's ``hf_assets_path``) reads the folder alone. Returns the summary line."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -291,4 +353,8 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
         # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed
         writer = dcp.FileSystemWriter(staging, single_file_per_rank=False, thread_count=1)
         dcp.save(layout, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
+        hf_config = hf_config_dict(llama, out_dtype) | special_token_ids(tokenizer_path(src))
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer_path(src) is not None:
+            copy_tokenizer_files(tokenizer_path(src), staging)
     return progress.summary()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxflip.data.sources import load_documents, token_windows
+from jaxflip.data.sources import DataError, load_documents, token_windows
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class BatchStream:
                         if self._stop.is_set():
                             return
                 if not produced and fresh_epoch:
-                    raise ValueError(f"{self.spec.source}: too little text for one batch of {self.spec.batch_size} "
+                    raise DataError(f"{self.spec.source}: too little text for one batch of {self.spec.batch_size} "
                                      f"x {self.spec.seq_len + 1} tokens")
                 # the epoch ends: the unfinished batch's windows are dropped, the token carry kept
                 state = {"epoch": state["epoch"] + 1, "dataset": None, "carry": list(carry)}

@@ -16,7 +16,33 @@ import numpy as np
 from jaxflip.data.builtin import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# suffixes that make a dataset name a file path, never a hub dataset id
+FILE_SUFFIXES = (*LOCAL_FORMATS, ".gz", ".csv", ".tsv", ".arrow", ".zst")
 BUILTIN_TOKENIZER = "builtin"
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as asked (missing, of an unsupported format, too short);
+    the message names it."""
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a dataset name can only be a local path: it starts with ``.``, ``/`` or ``~``,
+    has more than one ``/`` (hub ids are ``org/name``) or a file suffix. Such a name that
+    does not exist is an error at once, not a hub lookup."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+            or Path(source).suffix.lower() in FILE_SUFFIXES)
+
+
+def check_source(source: str) -> None:
+    """Raise ``DataError`` for a local dataset that cannot be read: a path that does not exist,
+    an empty folder, files of another format. Hub names pass (they are checked when read)."""
+    if source == BUILTIN_NAME or local_format(source) is not None:
+        return
+    if os.path.exists(source):
+        raise DataError(f"{source}: not a .txt, .jsonl, .json or .parquet file (optionally .gz) or a folder of them")
+    if looks_like_path(source):
+        raise DataError(f"{source}: no such file or folder")
 
 
 def local_format(path: str | os.PathLike) -> str | None:
@@ -28,7 +54,7 @@ def local_format(path: str | os.PathLike) -> str | None:
     if not files:
         return None
     if len(formats) != 1:
-        raise ValueError(f"{path}: expected .txt, .jsonl/.json or .parquet files (optionally .gz), found "
+        raise DataError(f"{path}: expected .txt, .jsonl/.json or .parquet files (optionally .gz), found "
                          f"{sorted({f.name for f in files})[:5]}")
     return formats.pop()
 
@@ -55,9 +81,10 @@ def load_documents(source: str, *, split: str = "train", subset: str | None = No
         dataset = _text_column(dataset, text_field, source)
         if builder == "text":
             dataset = dataset.filter(lambda row: bool(row["text"].strip()))
-    elif os.path.exists(source):
-        raise ValueError(f"{source}: not a .txt, .jsonl, .json or .parquet file or a folder of them")
+        if len(dataset) == 0:
+            raise DataError(f"{source}: holds no documents")
     else:
+        check_source(source)
         dataset = datasets.load_dataset(source, subset, split=split, streaming=streaming)
         return _text_column(dataset, text_field, source)
     if shuffle_seed is not None:
@@ -68,19 +95,66 @@ def load_documents(source: str, *, split: str = "train", subset: str | None = No
 def _text_column(dataset, text_field: str, source: str):
     columns = dataset.column_names
     if columns is not None and text_field not in columns:
-        raise ValueError(f"{source}: no {text_field!r} column (columns: {', '.join(columns)}); set the text field")
+        raise DataError(f"{source}: no {text_field!r} column (columns: {', '.join(columns)}); set the text field")
     if text_field != "text":
         dataset = dataset.rename_column(text_field, "text")
     return dataset.select_columns(["text"]) if columns is not None else dataset
 
 
+class HubUnavailableError(OSError):
+    """Files that are neither local nor to be had from the Hugging Face Hub (offline and not
+    cached, an unknown or gated name); the message is one line that says which and what to do."""
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error``, or one of the errors it was raised from, says the hub could not be
+    reached (no network, ``HF_HUB_OFFLINE``) and the files are not in the local cache."""
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:  # transformers' chains can loop
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.NetworkError,
+                              httpx.TimeoutException)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def hub_failure(name: str, error: BaseException) -> HubUnavailableError:
+    """One line on why ``name`` could not be loaded from the hub: offline and not cached (with
+    what to do), or the hub's own answer (unknown name, gated model...), whitespace collapsed."""
+    from huggingface_hub import constants
+
+    if _hub_unreachable(error):
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection"
+        return HubUnavailableError(
+            f"{name}: not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub "
+            f"cannot be reached ({how}); download it once online or pass a local folder")
+    return HubUnavailableError(f"{name}: not a local folder, and the Hugging Face Hub says: "
+                               f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """A ``transformers`` tokenizer by hub name or local path; ``"builtin"`` is the shipped one."""
+    """A ``transformers`` tokenizer by hub name or local path; ``"builtin"`` is the shipped one.
+    A hub name is read from the local cache when it is there (no network call, so no retries
+    offline); one that cannot be had raises ``HubUnavailableError`` (one line)."""
     from transformers import AutoTokenizer
 
     if str(name_or_path) == BUILTIN_TOKENIZER:
         name_or_path = builtin_tokenizer_dir()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if Path(name_or_path).exists():
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
+        except OSError:  # not cached: ask the hub
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise hub_failure(str(name_or_path), error) from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token, which packing appends to every document")
     return tokenizer

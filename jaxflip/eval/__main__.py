@@ -1,15 +1,18 @@
 """``python -m jaxflip.eval {ppl,profile,generate,lm-eval} --checkpoint PATH ...``; each
 command has ``--help``. Errors in the arguments or the files they name end the run with one
-line on stderr and exit status 2."""
+line on stderr and exit status 2 (1 for a fault of the environment: an ``--output`` folder that
+cannot be written, a full disk); every argument, the bitflip rules and ``--output`` are checked
+before the model runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.cli import exit_status
 from jaxflip.eval import generation, lm_eval_run, perplexity, profile
-from jaxflip.eval.report import write_json
+from jaxflip.eval.report import check_output_path, write_json
 from jaxflip.models.config import DTYPES
 
 COMMANDS = {
@@ -46,15 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module, _ = COMMANDS[args.command]
     try:
-        if args.bitflip_config is not None and not Path(args.bitflip_config).is_file():
-            raise ValueError(f"bitflip config {args.bitflip_config} does not exist")
+        # every argument is checked before the model is opened
         module.check_arguments(args)
+        if args.bitflip_config is not None:
+            load_bitflip_config(args.bitflip_config)  # its rules' settings; their layers once the model is open
+        if args.output is not None:
+            check_output_path(args.output)
         payload = module.run(args)
-    except (ValueError, OSError) as error:  # bad arguments, unreadable or malformed files
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if args.output is not None:
+            write_json(args.output, payload)
+    except (ValueError, OSError) as error:  # bad arguments, unreadable or malformed files; the disk
+        print(f"{parser.prog} {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return exit_status(error)
     if args.output is not None:
-        write_json(args.output, payload)
         print(f"wrote {args.output}")
     return 0
 

@@ -111,9 +111,12 @@ class JaxLM(TemplateLM):
             windows.extend(text_windows)
             counts.append(len(text_windows))
         scores = []
+        progress = tqdm(total=len(windows), disable=disable_tqdm, desc="Running loglikelihood requests")
         for start in range(0, len(windows), self.batch_size):
-            scores.extend(score for score, _ in self._loglikelihood_tokens(
-                windows[start:start + self.batch_size], disable_tqdm=True))
+            batch = windows[start:start + self.batch_size]
+            scores.extend(score for score, _ in self._loglikelihood_tokens(batch, disable_tqdm=True))
+            progress.update(len(batch))
+        progress.close()
         totals, offset = [], 0
         for count in counts:
             totals.append(float(sum(scores[offset:offset + count])))

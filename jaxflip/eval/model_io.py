@@ -3,9 +3,10 @@ bitflip rules of ``--bitflip-config`` applied to it."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-from jaxflip.bitflip import RuleTable, apply_bitflip_rules, named_linears
+from jaxflip.bitflip import RuleTable, apply_bitflip_rules, match_rules, named_linears
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.models import LlamaForCausalLM
 
@@ -50,10 +51,23 @@ class BitflipSetup:
                 "flipped_layers": [row.layer for row in self.table if row.flipped]}
 
 
-def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
-    """Configure ``model``'s flips from the file (its seeds start afresh)."""
-    rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=list(named_linears(model)))
-    table = apply_bitflip_rules(model, rules, seed_mode, base_seed)
+def resolve_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
+    """The file's rules matched to ``model``'s layers and checked; nothing is configured yet
+    (a command that runs clean first checks its rules with this before the clean pass)."""
+    layer_names = list(named_linears(model))
+    rules, seed_mode, base_seed = load_bitflip_config(path, layer_names=layer_names)
+    table = match_rules(layer_names, rules, seed_mode, base_seed)
     if not any(row.flipped for row in table):
         raise ValueError(f"{path}: the bitflip rules flip no layer of this model")
     return BitflipSetup(path, rules, seed_mode, base_seed, table)
+
+
+def apply_bitflip_config(model: LlamaForCausalLM, path: str) -> BitflipSetup:
+    """Configure ``model``'s flips from the file (its seeds start afresh)."""
+    setup = resolve_bitflip_config(model, path)
+    apply_bitflip_rules(model, setup.rules, setup.seed_mode, setup.base_seed)
+    # said at once: compiling every flip site's Philox makes the first forward the slow one
+    print(f"bitflip: {sum(row.flipped for row in setup.table)} of {len(setup.table)} Linear layers flip; the first "
+          f"forward compiles their flips, which can take minutes on a CPU", file=sys.stderr, flush=True)
+    return setup
+

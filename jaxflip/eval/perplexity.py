@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jaxflip.data import BUILTIN_NAME, load_documents, token_windows
-from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
+from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer, resolve_bitflip_config
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import on_model_mesh
+
+DEFAULT_SEQ_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,10 @@ def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> P
     per forward (flips are keyed on the batch's layout, so the batch size is part of a
     bitflip result)."""
     total = 0.0
-    with on_model_mesh(model):
+    with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq") as progress:
         for start in range(0, len(windows), batch_size):
             total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
+            progress.update(len(windows[start:start + batch_size]))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens
     return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))
@@ -72,8 +77,22 @@ def add_window_arguments(parser) -> None:
     parser.add_argument("--subset", default=None, help="HF dataset config name, e.g. sample-100BT")
     parser.add_argument("--text-field", default="text", help="the text column (default: %(default)s)")
     parser.add_argument("--num-sequences", type=int, default=64, help="use the first N sequences (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens predicted per sequence (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens predicted per sequence (default: the model's max_position_embeddings, at most "
+                             f"{DEFAULT_SEQ_LEN})")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default: %(default)s)")
+
+
+def resolve_seq_len(args, model) -> int:
+    """``--seq-len``, defaulting to what the model was built for; a longer one is said (RoPE
+    runs past ``max_position_embeddings``, but the model never saw such positions)."""
+    positions = model.config.max_position_embeddings
+    if args.seq_len is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, positions)
+    elif args.seq_len > positions:
+        print(f"note: --seq-len {args.seq_len} is longer than the model's max_position_embeddings {positions}",
+              file=sys.stderr)
+    return args.seq_len
 
 
 def add_arguments(parser) -> None:
@@ -81,19 +100,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bitflip-only", action="store_true", help="skip the clean row (needs --bitflip-config)")
 
 
-def check_arguments(args) -> None:
+def check_window_arguments(args) -> None:
+    """The checks of ``add_window_arguments``' options."""
     for name in ("num_sequences", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def check_arguments(args) -> None:
+    check_window_arguments(args)
     if args.bitflip_only and args.bitflip_config is None:
         raise ValueError("--bitflip-only needs --bitflip-config")
 
 
 def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
+    if args.bitflip_config is not None:
+        resolve_bitflip_config(model, args.bitflip_config)  # a rule that fits no layer fails before the clean pass
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
-                                 text_field=args.text_field, seq_len=args.seq_len, num_sequences=args.num_sequences)
+                                 text_field=args.text_field, seq_len=resolve_seq_len(args, model),
+                                 num_sequences=args.num_sequences)
     if len(windows) < args.num_sequences:
         print(f"note: {args.dataset} holds only {len(windows)} sequences of {args.seq_len + 1} tokens")
     rows = [] if args.bitflip_only else [perplexity(model, windows, args.batch_size, "clean")]

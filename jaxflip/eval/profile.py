@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflip.bitflip import BitFlipLinear, match_rules, named_linears, replace_module
-from jaxflip.bitflip.rules_file import load_bitflip_config
-from jaxflip.eval.model_io import open_model, open_tokenizer
-from jaxflip.eval.perplexity import add_window_arguments, evaluation_windows
+from jaxflip.bitflip import BitFlipLinear, named_linears, replace_module
+from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip_config
+from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, evaluation_windows, resolve_seq_len
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import mesh_context, model_mesh
 
@@ -95,17 +94,28 @@ def _forward(model, inputs):
     model(inputs)
 
 
+# a Llama decoder layer's Linears in the order its forward runs them (HF's module order)
+FORWARD_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def in_forward_order(names: list[str]) -> list[str]:
+    """Layer names by decoder layer, then as the forward runs them, the LM head last (NNX
+    lists a layer's modules alphabetically: down_proj before q_proj)."""
+    def key(name: str):
+        parts = name.split(".")
+        if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[-1] in FORWARD_ORDER:
+            return 0, int(parts[2]), FORWARD_ORDER.index(parts[-1])
+        return 1, 0, 0
+    return sorted(names, key=key)
+
+
 def eligible_layers(model, bitflip_config: str | None) -> list[str]:
-    """The layers a bitflip config flips; without one, every Linear but the LM head (the
-    layers NewComputeBench flips)."""
+    """The layers a bitflip config flips (without one, every Linear but the LM head: the
+    layers NewComputeBench flips), in forward order."""
     names = list(named_linears(model))
     if bitflip_config is None:
-        return [name for name in names if name != "lm_head"]
-    rules, seed_mode, base_seed = load_bitflip_config(bitflip_config, layer_names=names)
-    layers = [row.layer for row in match_rules(names, rules, seed_mode, base_seed) if row.flipped]
-    if not layers:
-        raise ValueError(f"{bitflip_config}: the bitflip rules flip no layer of this model")
-    return layers
+        return in_forward_order([name for name in names if name != "lm_head"])
+    return in_forward_order([row.layer for row in resolve_bitflip_config(model, bitflip_config).table if row.flipped])
 
 
 def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int) -> dict[str, dict[str, Accumulator]]:
@@ -171,16 +181,15 @@ def add_arguments(parser) -> None:
 
 
 def check_arguments(args) -> None:
-    for name in ("num_sequences", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_window_arguments(args)
 
 
 def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
-                                 text_field=args.text_field, seq_len=args.seq_len, num_sequences=args.num_sequences)
+                                 text_field=args.text_field, seq_len=resolve_seq_len(args, model),
+                                 num_sequences=args.num_sequences)
     layers = eligible_layers(model, args.bitflip_config)
     stats = profile_model(model, windows, layers, args.batch_size)
     totals = {kind: overall(per_layer) for kind, per_layer in stats.items()}

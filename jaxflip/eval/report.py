@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def format_number(value) -> str:
@@ -22,7 +26,41 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def finite_or_null(value):
+    """``value`` with every NaN or infinite number as None: JSON has no NaN (``json.dumps``
+    would write a bare ``NaN`` that JSON readers reject)."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def check_output_path(path: str | Path) -> None:
+    """Fail now, not after the evaluation, when ``--output`` cannot be written: it is a folder,
+    a parent is a file, or the nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name")
+    existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OSError(error.errno, f"--output {path}: cannot write in {existing} ({error.strerror})") from None
+
+
 def write_json(path: str | Path, payload: dict) -> None:
+    """``payload`` as JSON at ``path``, whole or not at all (written aside, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(json.dumps(finite_or_null(payload), indent=1, default=str, allow_nan=False) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -75,23 +75,52 @@ def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhilo: M
     return c0, c1, c2, c3
 
 
-def flip_mask(index: jnp.ndarray, seed: jnp.ndarray, halves: int, mulhilo: MulHiLo = mulhilo_16bit_split):
-    """uint32 word whose set bits flip with probability ``0.5 ** halves`` each.
+def philox_calls(halves: int) -> int:
+    """Philox calls one group needs: ``ceil(halves / 4)`` (four words per call)."""
+    return -(-halves // 4)
 
-    The AND of ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the four
-    words of ``philox(seed + k, index)`` for ``k < q``, then the first ``r`` words of
+
+def group_flip_word(
+    index: jnp.ndarray,
+    seed: jnp.ndarray,
+    halves: int,
+    group_mask: int,
+    mulhilo: MulHiLo = mulhilo_16bit_split,
+    early_exit: bool = False,
+) -> jnp.ndarray:
+    """uint32 word whose bits of ``group_mask`` are set with probability ``0.5 ** halves`` each.
+
+    ``group_mask`` AND ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the
+    four words of ``philox(seed + k, index)`` for ``k < q``, then the first ``r`` words of
     ``philox(seed + q, index)``. mase-triton also computes ``philox(seed + q)`` when r == 0
     and discards it; we do not compute it at all.
+
+    ``early_exit``: ANDing can only clear bits, so once no bit of ``group_mask`` survives in
+    the whole array (one kernel block) the remaining Philox calls cannot change the result;
+    after each call but the last, a ``lax.cond`` on the array's maximum skips them. The
+    result is the same bit for bit; only the work differs. The first call always runs.
     """
     n_rounds = philox_rounds(halves)
     q, r = divmod(halves, 4)
     seed = seed.astype(jnp.uint32)
-    bits = None
-    for k in range(q + (1 if r else 0)):
+    n_calls = philox_calls(halves)
+
+    def and_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
         words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo)
         for word in words[: 4 if k < q else r]:
-            bits = word if bits is None else bits & word
-    return bits
+            bits = bits & word
+        return bits
+
+    def from_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
+        if k == n_calls:
+            return bits
+        if not early_exit:
+            return from_call(k + 1, and_call(k, bits))
+        # jnp.any lowers to a reduce_or that Pallas's Triton lowering lacks; an int32 max lowers
+        survivors = jnp.max((bits != 0).astype(jnp.int32))
+        return lax.cond(survivors > 0, lambda b: from_call(k + 1, and_call(k, b)), lambda b: b, bits)
+
+    return from_call(1, and_call(0, jnp.uint32(group_mask)))
 
 
 def flip_bits(
@@ -103,12 +132,14 @@ def flip_bits(
     frac_halves: int | None,
     dtype_name: str,
     mulhilo: MulHiLo = mulhilo_16bit_split,
+    early_exit: bool = False,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
 
     The exponent group then the fraction group, each with its own halves and seed. The
     Philox words are 32-bit; for 16-bit floats the reference truncates each word to 16 bits
     before ANDing, which equals truncating the AND, so we AND in uint32 and narrow once.
+    ``early_exit``: see :func:`group_flip_word` (for a kernel block, not a whole tensor).
     """
     bits_dtype = bits.dtype
     for halves, seed, mask in (
@@ -117,7 +148,7 @@ def flip_bits(
     ):
         if halves is None:
             continue
-        word = flip_mask(index, seed, halves, mulhilo) & jnp.uint32(mask)
+        word = group_flip_word(index, seed, halves, mask, mulhilo, early_exit)
         bits = bits ^ word.astype(bits_dtype)
     return bits
 

@@ -22,6 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxflip.kernels_pallas.kernel import bitflip_pallas
@@ -37,6 +38,10 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 MAX_HALVES = 24
 SEED_LIMIT = 2**31 - 8
 BACKENDS = ("pallas", "interpret", "jnp")
+# checkpoint names of a differentiated flip's output and int8 keep mask: a remat policy that
+# saves both (jaxflip.models.llama's "flips") leaves no Philox to rerun in the recomputation
+FLIPPED_NAME = "bitflip_flipped"
+KEEP_NAME = "bitflip_keep"
 
 
 def find_nearest_prob_n_halves(p: float | None) -> int | None:
@@ -45,7 +50,9 @@ def find_nearest_prob_n_halves(p: float | None) -> int | None:
         return None
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p < 1:
         raise ValueError(f"flip probability must be a number in (0, 1), got {p!r}")
-    return math.ceil(math.log2(1 / p))
+    inverse = 1 / p
+    # below 2**-1024 (subnormal) 1 / p overflows to inf; -log2(p) is the same number there
+    return math.ceil(math.log2(inverse)) if math.isfinite(inverse) else math.ceil(-math.log2(p))
 
 
 def calculate_flip_probability(halves: int | None) -> float | None:
@@ -80,6 +87,10 @@ def check_seed(name: str, seed) -> None:
     dtype = getattr(seed, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or getattr(seed, "ndim", 0) != 0:
         raise TypeError(f"{name} must be an int or a JAX integer scalar, got {seed!r}")
+    # a concrete JAX scalar is held to the same range (a traced one cannot be read): out of it,
+    # it would wrap to another seed as uint32
+    if not isinstance(seed, jax.core.Tracer) and not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{name} must satisfy 0 <= seed < 2**31 - 8 (mase-triton's exact range), got {seed!r}")
 
 
 def advance_seed(seed, halves: int | None):
@@ -169,7 +180,9 @@ def random_bitflip(
     config = FlipConfig(exp_halves, frac_halves, zero_out_threshold, backend,
                         sharding if backend != "jnp" else None)
     seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
-    y = _flip(x, seeds, config)
+    # called eagerly (outside jit), the op would run primitive by primitive, each materializing
+    # a full-size array: one compiled function per configuration instead
+    y = (_flip if isinstance(x, jax.core.Tracer) else _flip_compiled)(x, seeds, config)
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
@@ -245,7 +258,7 @@ def _flip(x, seeds, config: FlipConfig):
 
 def _flip_fwd(x, seeds, config: FlipConfig):
     y, keep = _flip_forward(x, seeds, config)
-    return y, keep
+    return checkpoint_name(y, FLIPPED_NAME), (None if keep is None else checkpoint_name(keep, KEEP_NAME))
 
 
 def _flip_bwd(config: FlipConfig, keep, grad_y):
@@ -255,3 +268,6 @@ def _flip_bwd(config: FlipConfig, keep, grad_y):
 
 
 _flip.defvjp(_flip_fwd, _flip_bwd)
+
+
+_flip_compiled = jax.jit(_flip, static_argnums=2)  # compiled once per FlipConfig, shape and dtype

@@ -120,16 +120,43 @@ def check_params(source, shapes: dict[str, tuple], expected: dict[str, jax.Shape
             raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the config expects {tuple(expected[name].shape)}")
 
 
+def check_floating(source, dtypes: dict) -> None:
+    """Raise ``ValueError`` when parameters (name -> dtype) are not floating point: an integer
+    or boolean tensor cast to the model's float dtype would load silently as something else."""
+    bad = sorted(name for name, dtype in dtypes.items() if not jax.numpy.issubdtype(dtype, jax.numpy.floating))
+    if bad:
+        raise ValueError(f"{source}: {short_list(bad)} hold {np.dtype(dtypes[bad[0]]).name} values, not floating point; "
+                         f"weights are not cast from integers")
+
+
+class DestinationExistsError(FileExistsError):
+    """The folder to write exists and ``overwrite`` is off; ``path`` names it (a CLI words the
+    remedy as its own flag)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} exists; pass overwrite=True to replace it")
+        self.path = path
+
+
+def _umask_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 @contextlib.contextmanager
 def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``path`` to write into; on success it is renamed to
     ``path`` (replacing it with ``overwrite``), on any error or interrupt it is removed. PATH
-    is therefore either absent, the old one, or complete."""
+    is therefore either absent, the old one, or complete, and has the mode any new folder gets
+    (``mkdtemp``'s private 0700 is undone)."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+        raise DestinationExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    staging.chmod(_umask_mode())
     try:
         yield staging
         if path.exists():
@@ -295,6 +322,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
     shardings = {} if mesh is None else flat_params(state_shardings(params, mesh))
     stored = stored_params(path)
     check_params(path, {name: array.shape for name, (_, array) in stored.items()}, wanted)
+    check_floating(path, {name: array.dtype for name, (_, array) in stored.items()})
     by_shard: dict[Path, dict] = {}
     for name, (shard, array) in stored.items():
         # restore in the stored dtype (exact) and cast after

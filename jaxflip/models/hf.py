@@ -71,6 +71,9 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
     for path, variable in flat_state:
         if path in keys:
             value = _to_numpy(state_dict[keys[path]])
+            if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+                raise ValueError(f"{keys[path]!r}: HF tensor holds {value.dtype} values, not floating point; "
+                                 f"weights are not cast from integers")
             if value.shape != variable.shape:
                 raise ValueError(f"{keys[path]!r}: HF tensor has shape {value.shape}, the model expects {variable.shape}")
         else:  # a bitflip seed

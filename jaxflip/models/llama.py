@@ -25,12 +25,24 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.bitflip import BitFlipLinear
+from jaxflip.kernels_pallas.random_bitflip import FLIPPED_NAME, KEEP_NAME
 from jaxflip.models.config import LlamaConfig
 from jaxflip.models.sharding import constrain
 
 embedding_init = nnx.initializers.normal(stddev=0.02)  # HF Llama's initializer_range
 HIDDEN_AXES = ("batch", "length", "activation_embed")  # (B, T, D) between and inside layers
-REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+SAVE_FLIPS = jax.checkpoint_policies.save_only_these_names(FLIPPED_NAME, KEEP_NAME)
+# "flips": "full" but keeping each flipped tensor and its zero-out mask, so the recomputed
+# forward flips nothing again (memory: every flipped input and weight of the layer, plus one
+# byte per element of those with zero-out); "dots_flips": "dots" plus the same
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "flips": SAVE_FLIPS,
+    "dots_flips": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, SAVE_FLIPS),
+}
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -200,8 +212,10 @@ class LlamaModel(nnx.Module):
 
     def set_remat(self, policy: str) -> None:
         """Activation checkpointing of each decoder layer in training: ``none``, ``full`` (keep
-        only layer inputs) or ``dots`` (also keep matmul outputs). The flips are a pure function
-        of the seeds, so the recomputed forward flips exactly what the first one did."""
+        only layer inputs), ``dots`` (also keep matmul outputs), ``flips`` / ``dots_flips``
+        (``full`` / ``dots`` also keeping the flipped tensors, so no flip is computed twice).
+        The flips are a pure function of the seeds, so a recomputed forward flips exactly what
+        the first one did."""
         if policy not in REMAT_POLICIES:
             raise ValueError(f"remat policy must be one of {', '.join(REMAT_POLICIES)}, got {policy!r}")
         self.remat = policy

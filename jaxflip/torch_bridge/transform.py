@@ -18,7 +18,14 @@ def transform_model(model: torch.nn.Module, rules: Mapping, seed_mode: str = "re
     """Replace, in place, every ``nn.Linear`` of ``model`` that ``rules`` flip by a
     ``RandomBitFlipLinear`` holding its weights; layers left alone stay as they are. Returns
     which layer got which rule (``match_rules``: full-match regexes, first wins, then
-    ``default``; the LM head only when a pattern names it)."""
+    ``default``; the LM head only when a pattern names it).
+
+    ``seed_mode`` defaults to mase-triton's (``"reference"``: each layer starts from its rule's
+    seeds, 0 unless given, so every layer of one rule flips the same positions), as
+    ``apply_bitflip_rules`` does. A config file can ask for independent per-layer seeds (a
+    ``[bitflip]`` section with ``base_seed``): pass what ``load_bitflip_config`` returns,
+    ``transform_model(model, *load_bitflip_config(path, layer_names=...))``, to flip as
+    ``python -m jaxflip.eval --bitflip-config path`` does."""
     linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     table = match_rules(list(linears), rules, seed_mode, base_seed)
     for row in table:

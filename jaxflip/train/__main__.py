@@ -5,6 +5,10 @@ config with its derived numbers (parameters, tokens per step, steps for the toke
 and exits; ``--plan 2x141,4x80`` prints its memory per device on those GPUs
 (``jaxflip.train.plan``) and exits. Without ``--config``, the built-in quickstart
 (``configs/quickstart.toml``'s settings) runs.
+
+Errors end with one ``error:`` line: exit status 2 for bad input (config, dataset), 1 for a
+run that cannot go on (a non-finite loss, no restorable checkpoint) or a fault of the
+environment (disk full, no permission).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxflip.data.sources import HubUnavailableError
 from jaxflip.train.config import ConfigError, load_config, to_dict
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
@@ -41,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", nargs="?", const=True, metavar="GPUSxGB,...",
                         help="print the memory per device on N GPUs of G GB each and exit (default: 2x141,4x80,8x80)")
     args, overrides = parser.parse_known_args(argv)
+    from jaxflip.cli import os_error_code
+    from jaxflip.data.sources import DataError
+    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.loop import NonFiniteError
+
     try:
         if args.config is None:
             args.config = QUICKSTART
@@ -54,17 +64,33 @@ def main(argv: list[str] | None = None) -> int:
             print("plan: " + json.dumps([p.summary() for p in plans]))
             return 0
         if args.print_config:
+            import jax
+
             from jaxflip.train.loop import derived_numbers
+            from jaxflip.train.setup import mesh_mismatch
 
             print(json.dumps(to_dict(config) | {"derived": derived_numbers(config)}, indent=1, default=str))
+            if (mismatch := mesh_mismatch(config, jax.device_count())) is not None:
+                print(f"warning: training would stop at once: {mismatch}", file=sys.stderr)
             return 0
         from jaxflip.train.loop import run
 
         enable_compilation_cache()
         summary = run(config)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except HubUnavailableError as error:  # a hub tokenizer or model offline: the environment, not the config
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # an OS fault as tensorstore reports it (writing the exported model); else a bug
+        if os_error_code(error) is None:
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     if not summary["finished"]:
         print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")
     return 0

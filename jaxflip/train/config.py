@@ -11,6 +11,7 @@ hf_model_path``; ``[training] ...``; ``[parallelism] fsdp_degree``; ``[lora] r, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -32,6 +33,7 @@ class JobConfig:
     description: str = ""
     seed: int = 0  # data order
     start_over: bool = False  # ignore checkpoints already in output_dir
+    resume_anyway: bool = False  # resume even when model, data or flip fields differ from the checkpoint's run
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ModelConfig:
     hf_model_path: str = ""  # start from these HF weights (hub id or folder); "" = flavor's random init
     checkpoint: str = ""  # start from a jaxflip model checkpoint instead (jaxflip.models.save)
     vocab_size: int = 0  # 0: the flavor's; else override (e.g. the built-in tokenizer's 4096)
-    remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots
+    remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots | flips | dots_flips
 
 
 @dataclass
@@ -225,6 +227,7 @@ def from_dict(raw: dict) -> TrainConfig:
 
 def validate(config: TrainConfig) -> None:
     from jaxflip.models.flavors import FLAVORS
+    from jaxflip.models.llama import REMAT_POLICIES
 
     def check(ok: bool, where: str, expected: str, value) -> None:
         if not ok:
@@ -237,15 +240,15 @@ def validate(config: TrainConfig) -> None:
     check(not (m.hf_model_path and m.checkpoint), "model.checkpoint", "empty when model.hf_model_path is set",
           m.checkpoint)
     check(m.vocab_size >= 0, "model.vocab_size", "an integer >= 0", m.vocab_size)
-    check(m.remat in ("none", "full", "dots"), "model.remat", "none, full or dots", m.remat)
+    check(m.remat in REMAT_POLICIES, "model.remat", f"one of {', '.join(REMAT_POLICIES)}", m.remat)
     for name in ("dtype", "mixed_precision_param", "mixed_precision_reduce"):
         check(getattr(t, name) in DTYPES, f"training.{name}", f"one of {', '.join(DTYPES)}", getattr(t, name))
     for name in ("seq_len", "local_batch_size", "gradient_accumulation_steps", "steps", "log_freq", "save_freq"):
         check(getattr(t, name) > 0, f"training.{name}", "an integer > 0", getattr(t, name))
-    check(t.token_scale >= 0, "training.token_scale", "a number >= 0", t.token_scale)
+    check(0 <= t.token_scale < math.inf, "training.token_scale", "a finite number >= 0", t.token_scale)
     check(t.lr > 0 and math.isfinite(t.lr), "training.lr", "a number > 0", t.lr)
     for name in ("weight_decay", "max_norm", "eps"):
-        check(getattr(t, name) >= 0, f"training.{name}", "a number >= 0", getattr(t, name))
+        check(0 <= getattr(t, name) < math.inf, f"training.{name}", "a finite number >= 0", getattr(t, name))
     check(0 <= t.warmup_steps, "training.warmup_steps", "an integer >= 0", t.warmup_steps)
     check(t.decay in ("cosine", "linear", "constant"), "training.decay", "cosine, linear or constant", t.decay)
     check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
@@ -261,7 +264,7 @@ def validate(config: TrainConfig) -> None:
     check(p.process_id >= -1 and (p.num_processes == 0 or p.process_id < p.num_processes), "parallelism.process_id",
           f"-1 or an integer in [0, {p.num_processes})" if p.num_processes else "-1 or an integer >= 0", p.process_id)
     check(lo.r >= 0, "lora.r", "an integer >= 0", lo.r)
-    check(lo.lora_alpha > 0, "lora.lora_alpha", "a number > 0", lo.lora_alpha)
+    check(0 < lo.lora_alpha < math.inf, "lora.lora_alpha", "a finite number > 0", lo.lora_alpha)
     for name in ("w_p_exp", "w_p_frac", "x_p_exp", "x_p_frac"):
         value = getattr(b, name)
         check(value is None or 0.5**24 <= value < 1, f"bitflip.{name}",
@@ -270,24 +273,72 @@ def validate(config: TrainConfig) -> None:
         value = getattr(b, name)
         check(value is None or value >= 0, f"bitflip.{name}", "a number >= 0 or none", value)
     check(b.base_seed is None or 0 <= b.base_seed, "bitflip.base_seed", "an integer >= 0 or none", b.base_seed)
+    check_bitflip_rules(config)
+    if not (m.hf_model_path or m.checkpoint):  # a model from weights: checked once they are read
+        from jaxflip.models import get_flavor
+
+        check_positions(t.seq_len, get_flavor(config.flavor).max_position_embeddings, f"flavor {config.flavor}")
     check(c.keep > 0, "checkpoint.keep", "an integer > 0", c.keep)
     check(d.prefetch >= 1, "data.prefetch", "an integer >= 1", d.prefetch)
+    from jaxflip.data.sources import check_source
+
+    try:
+        check_source(d.dataset)
+    except ValueError as error:
+        raise ConfigError(f"data.dataset: {error}") from None
+
+
+def check_positions(seq_len: int, positions: int, model: str) -> None:
+    """Refuse sequences longer than the model's positions (``max_position_embeddings``): RoPE
+    would run on positions the model never saw, and the run would differ from what was asked."""
+    if seq_len > positions:
+        raise ConfigError(f"training.seq_len: {seq_len} is beyond the {positions} positions of the model "
+                          f"({model}); use seq_len <= {positions}")
+
+
+def bitflip_section(config: TrainConfig) -> dict:
+    """``[bitflip]`` as ``jaxflip.bitflip.rules_file`` reads it: the set fields, less ``enable``."""
+    section = dataclasses.asdict(config.bitflip)
+    section.pop("enable")
+    return {key: value for key, value in section.items() if value is not None}
+
+
+def check_bitflip_rules(config: TrainConfig) -> None:
+    """The settings of every bitflip rule (probabilities, thresholds, seeds, regexes), checked
+    without the model; whether each pattern names a layer is checked when the model is built."""
+    if not config.bitflip.enable:
+        return
+    from jaxflip.bitflip.rules import parse_rules
+    from jaxflip.bitflip.rules_file import bitflip_section_to_rules
+
+    try:
+        parse_rules(bitflip_section_to_rules(bitflip_section(config))[0])
+    except ValueError as error:
+        raise ConfigError(f"bitflip{'.rules' if config.bitflip.rules is not None else ''}: {error}") from None
 
 
 def read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as text ({type(error).__name__}: {error})") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}  # safe_load: a !!python/... tag is an error, never code
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     else:
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a table of sections, got a {type(raw).__name__}")
     return raw
 
 
@@ -335,3 +386,38 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+# what a resumed run may not change: the model, its data and its flips (the checkpoint holds
+# the other run's weights and data position); everything else (steps, lr, log and save
+# frequencies, parallelism...) may change, and is reported
+RESUME_FIXED_SECTIONS = ("model", "lora", "bitflip", "data")
+RESUME_FIXED_FIELDS = ("job.seed", "training.dtype", "training.mixed_precision_param",
+                       "training.mixed_precision_reduce", "training.seq_len", "training.local_batch_size",
+                       "training.gradient_accumulation_steps")
+RESUME_FREE_FIELDS = ("model.remat", "data.prefetch")
+RESUME_IGNORED_FIELDS = ("job.output_dir", "job.description", "job.start_over", "job.resume_anyway")
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """Compare the resolved config of the run that wrote the checkpoints (``config.json``)
+    with ``config``. Returns the allowed changes (``training.steps 6 -> 8``); raises
+    ``ConfigError`` naming the changes that alter the model, data or flips, unless
+    ``job.resume_anyway``. Fields the saved config lacks (an older jaxflip) are not compared."""
+    now = json.loads(json.dumps(to_dict(config), default=str))
+    changes = {f"{section}.{name}": (saved[section][name], value)
+               for section, fields in now.items() if isinstance(saved.get(section), dict)
+               for name, value in fields.items()
+               if name in saved[section] and saved[section][name] != value}
+    fixed = [where for where in changes if where not in RESUME_IGNORED_FIELDS and where not in RESUME_FREE_FIELDS
+             and (where.split(".")[0] in RESUME_FIXED_SECTIONS or where in RESUME_FIXED_FIELDS)]
+
+    def describe(where):
+        before, after = changes[where]
+        return f"{where} {json.dumps(before)} -> {json.dumps(after)}"
+
+    if fixed and not config.job.resume_anyway:
+        raise ConfigError(f"{', '.join(describe(where) for where in fixed)}: differ from the run whose checkpoints "
+                          f"are in {config.job.output_dir} (they change the model, data or flips); "
+                          f"--job.start_over true starts over, --job.resume_anyway true resumes anyway")
+    return [describe(where) for where in changes if where not in RESUME_IGNORED_FIELDS]

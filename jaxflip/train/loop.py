@@ -23,7 +23,7 @@ from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
 from jaxflip.train.checkpointing import Checkpointer, remove_run_state
-from jaxflip.train.config import TrainConfig, to_dict
+from jaxflip.train.config import TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
@@ -44,6 +44,41 @@ def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dic
     if t.token_scale > 0:
         derived["steps_for_token_budget"] = math.ceil(t.token_scale * params / tokens_per_step)
     return derived
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: training stops before saving it."""
+
+
+def check_finite(step: int, metrics: dict, checkpointer: Checkpointer | None) -> None:
+    """Raise ``NonFiniteError`` (one line naming the step and the checkpoint kept) when
+    ``metrics`` hold a non-finite loss or gradient norm. Checked wherever the loss is fetched
+    anyway and before every save, so that no checkpoint or export holds such a state (a NaN,
+    once in the weights, stays there)."""
+    bad = {name: float(metrics[name]) for name in ("loss", "grad_norm") if not math.isfinite(float(metrics[name]))}
+    if not bad:
+        return
+    kept = checkpointer.latest_step() if checkpointer is not None else None
+    values = ", ".join(f"{name} {value}" for name, value in bad.items())
+    where = f"the last checkpoint (step {kept}) is finite and stays" if kept is not None else "no checkpoint is kept"
+    raise NonFiniteError(f"step {step}: {values}; training stopped before saving it ({where}); lower training.lr, "
+                         f"set the bitflip zero-out thresholds, or clip with training.max_norm")
+
+
+def check_resume_config(config: TrainConfig, output_dir: Path) -> list[str]:
+    """Before a resume: the changes from the config of the run that wrote ``output_dir``'s
+    checkpoints (``config.json``) that a resume allows; a ``ConfigError`` for the others."""
+    saved = output_dir / "config.json"
+    checkpoints = output_dir / "checkpoints"
+    if not (config.checkpoint.enable and saved.is_file() and checkpoints.is_dir()
+            and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return []
+    try:
+        saved_config = json.loads(saved.read_text())
+    except ValueError:  # cut short by a kill: nothing to compare with
+        print(f"{saved} is not readable JSON; the config is not compared with the checkpoint's", flush=True)
+        return []
+    return resume_changes(saved_config, config)
 
 
 class _StopRequest:
@@ -82,6 +117,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     if config.job.start_over and main_process:
         remove_run_state(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    changes = check_resume_config(config, output_dir)
 
     mesh = setup.build_mesh(config)
     model, model_tokenizer_dir = setup.build_model(config, mesh)
@@ -104,16 +140,18 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     if config.checkpoint.enable else None)
     data_state = None
     start = 0
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is not None:
-        # checkpoints leave out the frozen weights (LoRA's base): never trained, they are rebuilt
-        # from their source above (hf_model_path, checkpoint or the random init's seed)
-        restored, data_state = checkpointer.restore(latest, abstract._replace(frozen=None),
-                                                    shardings._replace(frozen=None))
-        state = restored._replace(frozen=state.frozen)
+    # checkpoints leave out the frozen weights (LoRA's base): never trained, they are rebuilt
+    # from their source above (hf_model_path, checkpoint or the random init's seed)
+    restored = (checkpointer.restore_latest(abstract._replace(frozen=None), shardings._replace(frozen=None))
+                if checkpointer else None)
+    if restored is not None:
+        latest, restored_state, data_state = restored
+        state = restored_state._replace(frozen=state.frozen)
         start = latest
         if main_process:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
+            if changes:
+                print(f"changed since the checkpoint: {'; '.join(changes)}", flush=True)
     if main_process:
         resolved = to_dict(config) | {"derived": derived_numbers(config)}
         (output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
@@ -153,14 +191,21 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 step += 1
                 if progress is not None:
                     progress.update(1)
-                if step % t.log_freq == 0 or step == t.steps or stop.requested:
+                saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
+                first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
+                log_step = first or step % t.log_freq == 0 or step == t.steps or stop.requested
+                if log_step or saving:  # the loss is fetched (a host sync) only where it is logged or saved
                     metrics = jax.device_get(metrics)
+                    check_finite(step, metrics, checkpointer)
+                if log_step:
                     now = time.perf_counter()
-                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                    tokens_per_s = None if first else (step - last_log_step) * tokens_per_step / (now - last_log_time)
                     record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * flops / (peak * devices) if peak else None,
+                              "mfu": tokens_per_s * flops / (peak * devices) if peak and not first else None,
                               "memory_gib": device_memory_gib(), "unix_time": time.time()}
+                    if first:
+                        record["first_step_s"] = now - last_log_time
                     last_log_step, last_log_time = step, now
                     logger.log(record)
                     if progress is not None:
@@ -169,7 +214,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                         print(format_record(record), flush=True)
                     if on_step is not None:
                         on_step(step, record)
-                if checkpointer and (step % t.save_freq == 0 or step == t.steps or stop.requested):
+                if saving:
                     checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stop.requested)
                 if stop.requested:
                     break
@@ -190,7 +235,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
     if config.metrics.plot:
         plot = logger.plot()
-        summary["loss_png"] = None if plot is None else str(plot)
+        summary["loss_png"] = None if plot is None else str(plot.absolute())
     if main_process:
         print(json.dumps(summary), flush=True)
     return summary

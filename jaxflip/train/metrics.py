@@ -87,7 +87,11 @@ class MetricsLogger:
 
 def format_record(record: dict) -> str:
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3g}",
-             f"grad_norm {record['grad_norm']:.3f}", f"tokens/s {record['tokens_per_s']:,.0f}"]
+             f"grad_norm {record['grad_norm']:.3f}"]
+    if record.get("first_step_s") is not None:
+        parts.append(f"first step {record['first_step_s']:.1f} s (XLA compilation included)")
+    else:
+        parts.append(f"tokens/s {record['tokens_per_s']:,.0f}")
     if record.get("mfu") is not None:
         parts.append(f"mfu {record['mfu']:.1%}")
     if record.get("memory_gib") is not None:

@@ -3,7 +3,6 @@ weights; LoRA; bitflip rules; remat) and the tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -17,7 +16,7 @@ from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
-from jaxflip.train.config import ConfigError, TrainConfig
+from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -41,16 +40,33 @@ def initialize_distributed(config: TrainConfig) -> None:
                           f"exports it)")
 
 
+def mesh_degrees(config: TrainConfig, devices: int) -> tuple[int, int]:
+    """``(dp, fsdp)`` as the config asks for them on ``devices`` devices (``fsdp_degree`` -1:
+    every device ``data_parallel_replicate_degree`` leaves)."""
+    p = config.parallelism
+    dp = p.data_parallel_replicate_degree
+    return dp, p.fsdp_degree if p.fsdp_degree != -1 else devices // dp
+
+
+def mesh_mismatch(config: TrainConfig, devices: int) -> str | None:
+    """Why the config's mesh does not cover exactly ``devices`` devices, with the flags that
+    make it do so, or None when it does (a run must use every visible device, as torchrun's
+    world size must match the reference's mesh)."""
+    dp, fsdp = mesh_degrees(config, devices)
+    if dp * fsdp == devices:
+        return None
+    fix = "--parallelism.fsdp_degree -1" + ("" if devices % dp == 0 else " --parallelism.data_parallel_replicate_degree 1")
+    return (f"parallelism.fsdp_degree: {fsdp} x data_parallel_replicate_degree {dp} = {dp * fsdp} devices, but "
+            f"{devices} are visible ({jax.devices()[0].platform}); pass {fix} to use {'it' if devices == 1 else 'all'}")
+
+
 def build_mesh(config: TrainConfig) -> Mesh:
     """A ``(dp, fsdp)`` mesh over every visible device; a config that does not cover exactly
-    those devices is an error (as torchrun's world size must match the reference's mesh)."""
-    p = config.parallelism
+    those devices is an error that names the flag to pass."""
     devices = jax.device_count()
-    dp = p.data_parallel_replicate_degree
-    fsdp = p.fsdp_degree if p.fsdp_degree != -1 else devices // dp
-    if dp * fsdp != devices:
-        raise ConfigError(f"parallelism.fsdp_degree: {fsdp} x data_parallel_replicate_degree {dp} = {dp * fsdp} "
-                          f"devices, but {devices} are visible ({jax.devices()[0].platform})")
+    if (mismatch := mesh_mismatch(config, devices)) is not None:
+        raise ConfigError(mismatch)
+    dp, fsdp = mesh_degrees(config, devices)
     return make_mesh(dp=dp, fsdp=fsdp)
 
 
@@ -89,6 +105,7 @@ def build_model(config: TrainConfig, mesh: Mesh):
         model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
                                                dtype=t.mixed_precision_param)
         check_mesh_fits(model.config, mesh)
+        check_positions(t.seq_len, model.config.max_position_embeddings, m.hf_model_path or m.checkpoint)
     else:
         changes = {"param_dtype": stored, "dtype": t.mixed_precision_param}
         if m.vocab_size:
@@ -120,15 +137,9 @@ def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):
     """Configure the model's flips from ``[bitflip]``; returns the rule table (None when off)."""
     if not config.bitflip.enable:
         return None
-    rules, seed_mode, base_seed = bitflip_section_to_rules(_bitflip_section(config),
+    rules, seed_mode, base_seed = bitflip_section_to_rules(bitflip_section(config),
                                                            layer_names=list(named_linears(model)))
     return apply_bitflip_rules(model, rules, seed_mode=seed_mode, base_seed=base_seed)
-
-
-def _bitflip_section(config: TrainConfig) -> dict:
-    section = dataclasses.asdict(config.bitflip)
-    section.pop("enable")
-    return {key: value for key, value in section.items() if value is not None}
 
 
 def load_config_tokenizer(config: TrainConfig, model_tokenizer_dir, model: LlamaForCausalLM):

@@ -11,8 +11,6 @@ import numpy as np
 import optax
 import torch
 from flax import nnx
-from mase_triton.random_bitflip.core import random_bitflip_fn
-from mase_triton.random_bitflip.layers import RandomBitFlipLinear
 
 from jaxflip.bitflip import (BitFlipLinear, BitFlipLoRALinear, LoRAParam, TensorFlip, add_lora, apply_bitflip_rules,
                              merge_lora, named_linears, seed_snapshot)
@@ -23,30 +21,6 @@ mase_reference.install_cpu_kernels()
 IN, OUT, RANK, ALPHA = 32, 40, 4, 8.0
 SETTINGS = dict(x_p_exp=0.5**6, x_p_frac=0.5**3, x_zero_out_t=50.0, w_p_exp=0.5**5, w_p_frac=0.5**4,
                 w_zero_out_t=0.4, x_seed_exp=2, x_seed_frac=4, w_seed_exp=6, w_seed_frac=8)
-
-
-class TorchBitFlipLoRALinear(RandomBitFlipLinear):
-    """NewComputeBench's BitFlipLinearLora: mase's RandomBitFlipLinear whose flipped weight is
-    the LoRA-adapted one."""
-
-    def __init__(self, *args, r, lora_alpha, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scaling = lora_alpha / r
-        self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features))
-        self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r))
-        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        if not (self.x_p_exp is None and self.x_p_frac is None and self.x_zero_out_t is None):
-            x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
-                x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
-                self.x_zero_out_t)
-        w = self.weight + (self.lora_B @ self.lora_A) * self.scaling
-        if not (self.w_p_exp is None and self.w_p_frac is None and self.w_zero_out_t is None):
-            w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
-                w, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
-                self.w_zero_out_t)
-        return torch.nn.functional.linear(x, w, self.bias)
 
 
 def assert_close(ours, reference, rtol=2e-5):
@@ -61,7 +35,7 @@ def lora_pair(rng):
     lora_a = rng.uniform(-0.2, 0.2, (RANK, IN)).astype(np.float32)
     lora_b = (rng.standard_normal((OUT, RANK)) * 0.05).astype(np.float32)  # non-zero, so both factors matter
 
-    torch_layer = TorchBitFlipLoRALinear(IN, OUT, True, mase_reference.device(), torch.float32, r=RANK, lora_alpha=ALPHA, **SETTINGS)
+    torch_layer = mase_reference.BitFlipLinearLora(IN, OUT, True, mase_reference.device(), torch.float32, r=RANK, lora_alpha=ALPHA, **SETTINGS)
     with torch.no_grad():
         for parameter, value in ((torch_layer.weight, weight), (torch_layer.bias, bias),
                                  (torch_layer.lora_A, lora_a), (torch_layer.lora_B, lora_b)):

@@ -26,3 +26,14 @@ def test_a_bad_size_is_a_usage_error(capsys):
         main(["hf-to-orbax", "a", "b", "--max-shard-size", "lots"])
     assert exit.value.code == 2
     assert "--max-shard-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMAND_OPTIONS)
+@pytest.mark.parametrize("source", ["absent", "empty_folder", "text_file"])
+def test_bad_sources_are_one_line_and_exit_2(command, source, tmp_path, capsys):
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "text_file").write_text("not a checkpoint")
+    assert main([command, str(tmp_path / source), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and source in err
+    assert not (tmp_path / "dst").exists()

@@ -79,7 +79,11 @@ def test_transformers_loads_the_tokenizer(round_trip):
     _, folder, _ = round_trip
     text = "Call me Ishmael. Some years ago, never mind how long precisely"
     expected = transformers.AutoTokenizer.from_pretrained(builtin_tokenizer_dir())(text)["input_ids"]
-    assert transformers.AutoTokenizer.from_pretrained(folder / "hf_back")(text)["input_ids"] == expected
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "hf_back")
+    assert tokenizer(text)["input_ids"] == expected
+    config = transformers.AutoConfig.from_pretrained(folder / "hf_back")  # generate reads its special tokens here
+    assert (config.bos_token_id, config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert config.eos_token_id is not None
 
 
 def test_bfloat16_conversion_rounds_like_torch(tmp_path):

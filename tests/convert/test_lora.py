@@ -41,6 +41,6 @@ def test_merged_hf_model_computes_the_lora_logits(lora_checkpoint, tmp_path):
 
 def test_lora_checkpoint_without_merge_is_refused(lora_checkpoint, tmp_path, capsys):
     _, path, _, _ = lora_checkpoint
-    assert main(["orbax-to-hf", str(path), str(tmp_path / "hf")]) == 1
+    assert main(["orbax-to-hf", str(path), str(tmp_path / "hf")]) == 2
     assert "pass --merge-lora" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()

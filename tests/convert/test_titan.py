@@ -110,3 +110,36 @@ def test_rope_row_orders_are_inverse_permutations():
     assert np.array_equal(halves_to_interleaved(halves, heads), weight)
     # head 0's interleaved pair (0, 1) becomes HF's (0, head_dim / 2)
     assert np.array_equal(halves[[0, head_dim // 2]], weight[[0, 1]])
+
+
+def test_a_written_dcp_folder_reads_back_alone(tmp_path):
+    """The quickstart's model (aixsim-debug widths, the built-in tokenizer's 4096 tokens: no
+    flavor has those shapes) -> orbax-to-titan -> titan-to-orbax with no flags: the config
+    and the tokenizer travel beside the DCP files."""
+    from flax import nnx
+
+    from jaxflip.data import builtin_tokenizer_dir
+    from jaxflip.models import LlamaForCausalLM, save
+
+    config = get_flavor(FLAVOR, vocab_size=4096)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(2**31))))
+    save(model, tmp_path / "orbax", tokenizer_dir=builtin_tokenizer_dir())
+    assert main(["orbax-to-titan", str(tmp_path / "orbax"), str(tmp_path / "dcp")]) == 0
+    assert main(["titan-to-orbax", str(tmp_path / "dcp"), str(tmp_path / "back")]) == 0
+    assert read_config(tmp_path / "back")[0] == config
+    assert (tmp_path / "back" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        builtin_tokenizer_dir() / "tokenizer.json").read_bytes()
+    expected = stored_arrays(tmp_path / "orbax")
+    for name, array in stored_arrays(tmp_path / "back").items():
+        assert np.array_equal(array, expected[name]), name
+
+
+@pytest.mark.parametrize("flags", [[], ["--flavor", FLAVOR]], ids=["shapes", "flavor"])
+def test_the_vocabulary_is_the_embeddings(tmp_path, flags):
+    """torchtitan sizes the embedding by its tokenizer, not by the flavor's default."""
+    vocab = int(np.random.default_rng().integers(1000, 5000))
+    model = titan_model(get_flavor(FLAVOR, vocab_size=vocab), np.random.default_rng())
+    with single_process():
+        dcp.save(model.state_dict(), checkpoint_id=tmp_path / "dcp", no_dist=True)
+    assert main(["titan-to-orbax", str(tmp_path / "dcp"), str(tmp_path / "orbax"), *flags]) == 0
+    assert read_config(tmp_path / "orbax")[0] == get_flavor(FLAVOR, vocab_size=vocab)

@@ -39,6 +39,9 @@ def test_local_task_gives_the_same_results_through_jax_and_torch(checkpoint, tmp
         (tmp_path / "rules.yaml").write_text(RULES_YAML)
         extra = ["--bitflip-config", str(tmp_path / "rules.yaml")]
     jax_results = lm_eval(path, tmp_path, "jax", *extra)
+    progress = capsys.readouterr().err  # the JAX backend reports its windows as they are scored
+    assert "Running loglikelihood requests" in progress and "15/15" in progress
+    assert ("bitflip: 3 of 15 Linear layers flip" in progress) == bitflip
     torch_results = lm_eval(path, tmp_path, "torch", *extra)
     for metric in METRICS:
         assert jax_results[metric] == pytest.approx(torch_results[metric], rel=1e-5), metric

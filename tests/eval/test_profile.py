@@ -6,6 +6,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from tiny_models import save_checkpoint, tiny_text_model
 
 from jaxflip.bitflip import BitFlipLinear, named_linears
@@ -58,7 +59,7 @@ def test_profile_rows_equal_numpy_on_the_captured_tensors(tmp_path):
     """Weights exactly. Inputs are captured by an eager run, whose float32 rounding may differ
     from the compiled profile run by an ulp; an order statistic moves by no more than its
     inputs, so each percentile may land one bfloat16 step away."""
-    _, model = tiny_text_model(np.random.default_rng())
+    hf_model, model = tiny_text_model(np.random.default_rng())
     path = save_checkpoint(model, tmp_path / "model")
     output = tmp_path / "profile.json"
     assert main(["profile", "--checkpoint", path, "--seq-len", str(SEQ_LEN), "--num-sequences", str(SEQUENCES),
@@ -70,7 +71,9 @@ def test_profile_rows_equal_numpy_on_the_captured_tensors(tmp_path):
     inputs = captured_linear_inputs(model, tokens)
     linears = named_linears(model)
     eligible = [name for name in linears if name != "lm_head"]
-    assert sorted(result["layers"]) == sorted(eligible)
+    # in HF's module order, which is the order the forward runs them
+    assert list(result["layers"]) == [name for name, module in hf_model.named_modules()
+                                      if isinstance(module, torch.nn.Linear) and name != "lm_head"]
     for name in eligible:
         x = np.concatenate([batch.reshape(-1) for batch in inputs[name]])
         x_row, w_row = ({k: v for k, v in result["layers"][name][kind].items() if k != "suggested_zero_out_t"}

@@ -2,6 +2,7 @@
 natively on GPU), between its own backends, and against its contract."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,23 @@ def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
     y_pallas, *seeds_pallas = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="interpret")
     np.testing.assert_array_equal(bits(y_pallas), bits(y_jnp))
     assert seeds_pallas == seeds_jnp
+
+
+@pytest.mark.slow  # two interpret-mode kernel compiles: 30-60 s on 2 CPU cores (native on a GPU)
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(early_exit):
+    """The kernel at 32 elements / 1 warp per block (where the early exit skips most), against
+    the jnp path, on bf16 with zero-out and float32 (23 fraction bits) without."""
+    from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas
+
+    interpret = jax.default_backend() != "gpu"
+    for dtype, exp_halves, frac_halves, threshold in (("bfloat16", 24, 12, 2.0), ("float32", 16, 24, None)):
+        x = jnp.asarray(random_input((4111,), dtype, seed=33, specials=True))
+        want, *_ = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
+        scalars = jnp.array([8, 9, 0, 0], jnp.uint32)
+        got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
+                                threshold=threshold, interpret=interpret, launch=Launch(32, 1, early_exit))
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -257,6 +275,9 @@ def test_sharded_pallas_kernel_equals_unsharded():
         (lambda x: jaxflip.random_bitflip(x, 2, 2, -1, 0), ValueError, "seed_exp must satisfy"),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, 2**31 - 8), ValueError, "seed_frac must satisfy"),
         (lambda x: jaxflip.random_bitflip(x, 2, 2, 0.5, 0), TypeError, "seed_exp must be an int"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, jnp.int32(-1), 0), ValueError, "seed_exp must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.int32(2**31 - 2)), ValueError, "seed_frac must satisfy"),
+        (lambda x: jaxflip.random_bitflip(x, 2, 2, 0, jnp.uint32(2**32 - 1)), ValueError, "seed_frac must satisfy"),
         (lambda x: jaxflip.find_nearest_prob_n_halves(1.0), ValueError, "in \\(0, 1\\)"),
         (lambda x: jaxflip.find_nearest_prob_n_halves(0.0), ValueError, "in \\(0, 1\\)"),
     ],
@@ -275,3 +296,35 @@ def test_probability_helpers_match_mase():
         assert jaxflip.calculate_flip_probability(h) == core.calculate_flip_probability(h)
     assert jaxflip.find_nearest_prob_n_halves(None) is None
     assert jaxflip.calculate_flip_probability(None) is None
+
+
+def test_subnormal_probabilities_have_halves_too():
+    """1 / p overflows below 2**-1024; the halves are still ceil(log2(1 / p))."""
+    assert jaxflip.find_nearest_prob_n_halves(5e-324) == 1074  # the smallest float64: 2**-1074
+    exponent = int(np.random.default_rng().integers(1025, 1073))  # 0.75 * 2**-exponent stays exact
+    assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent) == exponent
+    assert jaxflip.find_nearest_prob_n_halves(2.0**-exponent * 0.75) == exponent + 1
+
+
+def test_an_eager_call_runs_compiled_within_2x_of_the_jitted_call():
+    """Outside jit the op would run primitive by primitive (two orders of magnitude slower, a
+    full-size array per primitive); after its first call an eager call costs what a jitted one does."""
+    import time
+
+    x = jnp.asarray(random_input((2**20,), "float32", seed=int(np.random.default_rng().integers(1000))))
+    flip = partial(jaxflip.random_bitflip, exp_halves=3, frac_halves=2, seed_exp=5, seed_frac=9,
+                   zero_out_threshold=30.0, backend="jnp")
+    jitted = jax.jit(lambda x: flip(x)[0])
+
+    def best_time(call):
+        call(x).block_until_ready()  # compiles
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            call(x).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    eager_y = flip(x)[0]
+    np.testing.assert_array_equal(bits(eager_y), bits(jitted(x)))
+    assert best_time(lambda x: flip(x)[0]) < 2 * best_time(jitted) + 0.01

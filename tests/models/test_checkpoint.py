@@ -99,13 +99,20 @@ def test_save_refuses_an_existing_path_and_overwrite_replaces_it(tmp_path):
     rng = np.random.default_rng()
     first, second = random_lora_model(rng), random_lora_model(rng)
     save(first, tmp_path / "model")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="model exists; pass overwrite=True to replace it$"):
         save(second, tmp_path / "model")
     name = "model.layers.0.mlp.up_proj.weight"
     assert np.array_equal(params_of(load(tmp_path / "model"))[name], params_of(first)[name])
     save(second, tmp_path / "model", overwrite=True)
     assert np.array_equal(params_of(load(tmp_path / "model"))[name], params_of(second)[name])
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_saved_folder_gets_the_mode_of_any_new_folder(saved, tmp_path):
+    """Not tempfile's private 0700 (its staging folder is renamed into place)."""
+    _, path = saved
+    (tmp_path / "plain").mkdir()
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_load_rejects_params_that_disagree_with_the_config(saved, tmp_path):

@@ -2,16 +2,12 @@
 (every selected nn.Linear replaced by mase-triton's RandomBitFlipLinear.from_linear, its
 kernels run by the Triton interpreter), with the same rules and seeds."""
 
-import re
-
 import jax.numpy as jnp
 import mase_reference
 import numpy as np
-import torch
 from flax import nnx
 from hf_models import flax_twin, hf_logits, random_hf_model, random_tokens, tiny_hf_config
-from mase_triton.random_bitflip.layers import RandomBitFlipLinear
-from mase_triton.utils.torch_module import set_layer_by_name
+from mase_reference import newcomputebench_transform
 
 from jaxflip.bitflip import apply_bitflip_rules, named_linears
 
@@ -30,23 +26,6 @@ RULES = {
     "default": dict(x_p_exp=0.5**10, x_p_frac=None, x_zero_out_t=50.0, w_p_exp=0.5**10, w_p_frac=0.5**10,
                     w_zero_out_t=1.0),
 }
-
-
-def newcomputebench_transform(model: torch.nn.Module, rules: dict) -> dict[str, RandomBitFlipLinear]:
-    """Replace each nn.Linear a rule selects (first full match in order, else ``default``, the
-    LM head only when named) by mase-triton's layer, as NewComputeBench's transform does."""
-    replaced = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        pattern = next((p for p in rules if p != "default" and re.fullmatch(p, name)), None)
-        if pattern is None and name != "lm_head" and "default" in rules:
-            pattern = "default"
-        if pattern is None or rules[pattern] is None:
-            continue
-        replaced[name] = RandomBitFlipLinear.from_linear(module, **rules[pattern])
-        set_layer_by_name(model, name, replaced[name])
-    return replaced
 
 
 def test_model_with_rules_matches_hf_with_mase_layers_over_two_calls():

@@ -67,7 +67,8 @@ def test_dlpack_shares_memory_both_ways():
 
 def test_transform_flips_the_layers_mase_would_with_the_same_logits():
     """Our transform against the NewComputeBench transform with mase-triton's layers."""
-    from test_model_bitflip_parity import RULES, newcomputebench_transform
+    from mase_reference import newcomputebench_transform
+    from test_model_bitflip_parity import RULES
 
     rng = np.random.default_rng()
     config = tiny_hf_config()

@@ -4,6 +4,7 @@ import json
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -90,6 +91,16 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--parallelism.coordinator_address", "127.0.0.1:1234", "--parallelism.num_processes", "2",
       "--parallelism.process_id", "2"], "parallelism.process_id: expected -1 or an integer in [0, 2), got 2"),
     (["--parallelism.process_id", "-2"], "parallelism.process_id: expected -1 or an integer >= 0, got -2"),
+    (["--training.weight_decay", "inf"], "training.weight_decay: expected a finite number >= 0, got inf"),
+    (["--training.max_norm", "nan"], "training.max_norm: expected a finite number >= 0, got nan"),
+    (["--lora.r", "4", "--lora.lora_alpha", "inf"], "lora.lora_alpha: expected a finite number > 0, got inf"),
+    (["--bitflip.rules", "{default: {x_p_exp: 1.5}}"],
+     "bitflip.rules: bitflip rule 'default': x_p_exp must be a probability in (0, 1) or None, got 1.5"),
+    (["--bitflip.rules", "{default: {x_p_exp: 1.5}}", "--print-config"], "bitflip.rules: bitflip rule 'default'"),
+    (["--bitflip.rules", "{'layers.(': {x_p_exp: 0.01}}"], "bitflip.rules: bitflip rule 'layers.(' is not a valid regex"),
+    (["--data.dataset", "data/absent.jsonl"], "data.dataset: data/absent.jsonl: no such file or folder"),
+    (["--training.seq_len", "4096"], "training.seq_len: 4096 is beyond the 2048 positions of the model "
+                                     "(flavor aixsim-debug)"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, capsys):
     code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(tmp_path / "run"), *override])
@@ -101,3 +112,45 @@ def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, ca
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="optimizer: unknown section"):
         from_dict({"optimizer": {"lr": 1}})
+
+
+def test_a_resume_refuses_changes_to_the_model_data_or_flips_and_reports_the_others(tiny_job):
+    from jaxflip.train.config import resume_changes, to_dict
+
+    rng = np.random.default_rng()
+    steps, vocab = int(rng.integers(7, 100)), int(rng.integers(4097, 9000))
+    saved = json.loads(json.dumps(to_dict(tiny_job()) | {"derived": {}}))
+    harmless = tiny_job(training={"steps": steps, "log_freq": 3, "save_freq": 4})
+    assert resume_changes(saved, harmless) == [f"training.steps 6 -> {steps}", "training.log_freq 1 -> 3",
+                                               "training.save_freq 2 -> 4"]
+    changed = tiny_job(model={"vocab_size": vocab}, bitflip={"enable": False}, training={"steps": steps})
+    with pytest.raises(ConfigError) as refused:
+        resume_changes(saved, changed)
+    message = str(refused.value)
+    assert message.startswith(f"model.vocab_size 4096 -> {vocab}, bitflip.enable true -> false: differ")
+    assert "--job.start_over true" in message and "--job.resume_anyway true" in message and "training" not in message
+    anyway = tiny_job(model={"vocab_size": vocab}, job={"resume_anyway": True})
+    assert resume_changes(saved, anyway) == [f"model.vocab_size 4096 -> {vocab}"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- training\n- job\n", "expected a table of sections, got a list"),
+    ("training: {lr: [1\n", "not valid YAML: while parsing a flow sequence"),
+    ("training: !!python/object/apply:os.mkdir [marker]\n", "not valid YAML: could not determine a constructor"),
+])
+def test_bad_yaml_config_is_one_line_and_runs_nothing(text, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text(text)
+    code = main(["--config", "job.yaml", "--job.output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: job.yaml: {message}") and "\n" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_a_read_only_output_dir_is_one_line_and_exit_1(tmpfs, capsys):
+    read_only = tmpfs(2**20, read_only=True)
+    code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(read_only / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("error: [Errno 30] Read-only file system") and "\n" not in err

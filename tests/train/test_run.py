@@ -91,8 +91,14 @@ def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     curve = losses(out)
-    assert len(curve) == 8
+    assert len(curve) == 9  # step 1, then every 5th
+    assert abs(curve[0] - np.log(4096)) < 0.3  # a random init predicts the 4096 tokens about uniformly
     assert np.mean(curve[-2:]) < curve[0] - 0.5
+    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:2]]
+    # the first step compiles: its time is reported apart and kept out of the throughput
+    assert first["step"] == 1 and first["tokens_per_s"] is None and first["first_step_s"] > 0
+    assert "XLA compilation included" in result.stdout
+    assert second["step"] == 5 and 4 * 512 / second["tokens_per_s"] < first["first_step_s"]
     assert (out / "loss.png").is_file() and (out / "model" / "jaxflip_model.json").is_file()
     assert json.loads((out / "config.json").read_text())["derived"]["devices"] == 1
 
@@ -123,3 +129,56 @@ def torch_bfloat16():
     import torch
 
     return torch.bfloat16
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatch, capsys):
+    """The weights turn NaN in step 3 (a fault injected into the step); logged every 5 steps and
+    saved every 2, the NaN is caught at step 4's save: exit 1, one line naming step 4, the
+    checkpoint of step 2 is the last, nothing exported."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxflip.train import loop
+    from jaxflip.train.__main__ import main
+    from jaxflip.train.checkpointing import Checkpointer
+
+    make_train_step = loop.make_train_step
+
+    def poisoned_from_step_3(*args, **kwargs):
+        train_step = make_train_step(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = train_step(state, batch)
+            if int(state.step) >= 3:
+                state = state._replace(trainable=jax.tree.map(lambda w: w * jnp.nan, state.trainable))
+                metrics = dict(metrics, loss=metrics["loss"] * jnp.nan)
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned_from_step_3)
+    monkeypatch.setenv("JAXFLIP_COMPILATION_CACHE", "")
+    output_dir = tmp_path / "run"
+    code = main(["--config", "configs/quickstart.toml", "--job.output_dir", str(output_dir), "--bitflip.enable", "false",
+                 "--training.seq_len", "32", "--training.local_batch_size", "1", "--steps", "6", "--log_freq", "5",
+                 "--save_freq", "2", "--checkpoint.async_save", "false", "--metrics.tensorboard", "false",
+                 "--metrics.progress_bar", "false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("error: step 4: loss nan") and "(step 2)" in err and "\n" not in err
+    assert Checkpointer(output_dir, keep=3, async_save=False).latest_step() == 2
+    assert not (output_dir / "model").exists()
+
+
+def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(tiny_job, monkeypatch):
+    from pathlib import Path
+
+    from jaxflip.train.config import ConfigError, to_dict
+
+    first = tiny_job()
+    output_dir = Path(first.job.output_dir)
+    (output_dir / "checkpoints" / "2").mkdir(parents=True)
+    (output_dir / "config.json").write_text(json.dumps(to_dict(first)))
+    monkeypatch.setattr(setup, "build_model", lambda *args: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match="model.vocab_size 4096 -> 8192: differ"):
+        run(tiny_job(model={"vocab_size": 8192}))

@@ -94,3 +94,125 @@ def test_scanned_layers_train_as_the_loop_does(tiny_job, lora):
     fresh_seeds = flat_values(fresh, BitflipSeed)
     advanced = [path for path in seeds if not np.array_equal(seeds[path], fresh_seeds[path])]
     assert {path[2] for path in advanced} == {0, 1}, "every layer's down_proj should flip"
+
+
+def executed_count(jaxpr, primitive: str) -> int:
+    """How many times ``primitive`` runs when ``jaxpr`` runs: equations in nested jaxprs
+    (jit, remat, custom rules), those in a scan body times its length."""
+    from jax.extend.core import jaxprs_in_params
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            total += 1
+            continue
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        total += repeat * sum(executed_count(sub, primitive) for sub in jaxprs_in_params(eqn.params))
+    return total
+
+
+@pytest.mark.parametrize("remat,lora,flips_per_tensor", [("full", 0, 2), ("flips", 0, 1), ("dots_flips", 4, 1)])
+def test_each_flipped_tensor_is_flipped_once_per_micro_batch(tiny_job, monkeypatch, remat, lora, flips_per_tensor):
+    """Kernel launches in one optimizer step (scanned layers, two micro-batches): one per flipped
+    tensor and micro-batch; "full" remat flips again in the recomputation, "flips" does not."""
+    monkeypatch.setenv("JAXFLIP_BITFLIP_BACKEND", "interpret")  # one pallas_call per flip, to count
+    config = tiny_job(bitflip={"rules": EVERY_DOWN_PROJ}, model={"remat": remat}, lora={"r": lora, "lora_alpha": 8.0})
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    model, _ = setup.build_model(config, mesh)
+    setup.apply_bitflip(config, model)
+    tx = make_optimizer(config.training)
+    graphdef, state, shardings, scanned = init_state(model, tx, mesh, lora=lora > 0)
+    step = make_train_step(graphdef, tx, config.training, shardings, batch_sharding(mesh))
+    batch = jax.ShapeDtypeStruct((config.training.gradient_accumulation_steps, 1, config.training.seq_len + 1),
+                                 np.int32)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(step.jitted)(state, batch)
+    flipped_tensors = 2 * model.config.num_hidden_layers  # each down_proj's input and weight
+    assert scanned and config.training.gradient_accumulation_steps == 2
+    assert executed_count(jaxpr.jaxpr, "pallas_call") == flips_per_tensor * flipped_tensors * 2
+
+
+# Exponent flips on activations, fraction flips on weights only: the two frameworks' float32
+# values differ by an ulp here and there, and a fraction-bit XOR can amplify that (see
+# tests/models/test_model_bitflip_parity.py); an exponent XOR keeps it an ulp.
+PARITY_FLIP = dict(x_p_exp=0.5**7, x_p_frac=None, x_zero_out_t=30.0, w_p_exp=0.5**9, w_p_frac=0.5**5,
+                   w_zero_out_t=0.4, x_seed_exp=3, x_seed_frac=0, w_seed_exp=7, w_seed_frac=11)
+# three Linears (each mase-triton flip runs in the Triton interpreter, each of ours compiles Philox)
+PARITY_RULES = {r"model\.layers\.0\.mlp\.down_proj|model\.layers\.1\.self_attn\.(q|o)_proj": PARITY_FLIP}
+PARITY_LORA = {"r": 4, "lora_alpha": 8.0}
+
+
+def mase_recipe_losses(hf_model, batches, t, lora: bool) -> list[float]:
+    """NewComputeBench's recipe in torch: mase-triton's layers (or its LoRA layer), AdamW, the
+    mean loss of the micro-batches, one optimizer step per batch."""
+    import torch
+
+    trainable = [p for name, p in hf_model.named_parameters() if not lora or "lora_" in name]
+    for name, parameter in hf_model.named_parameters():
+        parameter.requires_grad_(not lora or "lora_" in name)
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad()
+        total = 0.0
+        for tokens in torch.from_numpy(batch).long():
+            logits = hf_model(tokens[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            (loss / len(batch)).backward()
+            total += loss.item()
+        optimizer.step()
+        losses.append(total / len(batch))
+    return losses
+
+
+@pytest.mark.slow  # ~40-60 s each on 2 CPU cores: the train step's compile (~30 s) and mase-triton interpreted
+@pytest.mark.parametrize("lora,remat", [(False, "none"), (True, "flips")])
+def test_training_with_flips_matches_the_torch_recipe_with_mase_layers(lora, remat):
+    """Three optimizer steps of two micro-batches each: the same losses as HF transformers with
+    mase-triton's layers on the same weights, data, seeds and AdamW, and the same seeds after."""
+    import mase_reference
+    import torch
+    from hf_models import flax_twin, random_hf_model, tiny_hf_config
+
+    from jaxflip.bitflip import add_lora, apply_bitflip_rules, named_linears
+    from jaxflip.train.config import TrainingConfig
+
+    mase_reference.install_cpu_kernels()
+    rng = np.random.default_rng()
+    hf_model = random_hf_model(tiny_hf_config(), rng)
+    batches = [rng.integers(0, hf_model.config.vocab_size, (2, 2, 9), dtype=np.int32) for _ in range(3)]
+    t = TrainingConfig(lr=1e-2, warmup_steps=0, decay="constant", max_norm=0.0, eps=1e-3, weight_decay=0.1)
+    model = flax_twin(hf_model)
+    with torch.no_grad():
+        clean_loss = float(torch.nn.functional.cross_entropy(
+            hf_model(torch.from_numpy(batches[0][0, :, :-1]).long()).logits.reshape(-1, hf_model.config.vocab_size),
+            torch.from_numpy(batches[0][0, :, 1:]).long().reshape(-1)))
+
+    hf_model.to(mase_reference.device())
+    mase_layers = mase_reference.newcomputebench_transform(hf_model, PARITY_RULES, PARITY_LORA if lora else None)
+    apply_bitflip_rules(model, PARITY_RULES)
+    if lora:
+        add_lora(model, rank=PARITY_LORA["r"], alpha=PARITY_LORA["lora_alpha"], rngs=nnx.Rngs(0),
+                 skip=tuple(name for name in named_linears(model) if name not in mase_layers))
+        for name, layer in named_linears(model).items():
+            if name in mase_layers:  # the same A (B starts at zero in both)
+                layer.lora_A[...] = mase_layers[name].lora_A.detach().cpu().numpy()
+    model.model.set_remat(remat)
+    reference_losses = mase_recipe_losses(hf_model, batches, t, lora)
+
+    tx = make_optimizer(t)
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    graphdef, state, shardings, _ = init_state(model, tx, mesh, lora=lora)
+    state = jax.device_put(state, shardings)  # the twin's weights are not on the mesh yet: one compile, not two
+    step = make_train_step(graphdef, tx, t, shardings, batch_sharding(mesh))
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-4)
+    assert abs(reference_losses[0] - clean_loss) > 1e-3 and reference_losses[2] != reference_losses[0]
+    trained = named_linears(merge_model(graphdef, state.trainable, state.frozen, state.seeds))
+    for name, layer in mase_layers.items():
+        assert trained[name].seeds() == (layer.x_seed_exp, layer.x_seed_frac, layer.w_seed_exp, layer.w_seed_frac)
