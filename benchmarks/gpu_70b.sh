@@ -14,7 +14,7 @@
 # memory (largest of the GPUs), XLA compile seconds of the step, seconds from launch to the
 # first step, the losses and the plan's total next to the peak.
 # GPUS (default: every visible GPU), GPU_GB (default 141), STEPS (default 20), RUN_TIMEOUT
-# (seconds per run, default 560). DRY_RUN=1: on the CPU with GPUS host devices, the tiny
+# (seconds per run, default 480: the plan runs first, and a call ends at 600). DRY_RUN=1: on the CPU with GPUS host devices, the tiny
 # aixsim-debug flavor and 2 steps (checks the script, not the figures).
 set -uo pipefail
 mode=${1:-train}
@@ -48,7 +48,7 @@ train() {  # train RUN_NAME ARGS...: plan, then train, in $OUT/RUN_NAME
   mkdir -p "$OUT/$name"
   python3 -m jaxflip.train "${recipe[@]}" "$@" --plan "${gpus}x${GPU_GB:-141}" > "$OUT/$name/plan.txt" 2>&1
   date +%s.%N > "$OUT/$name/launch_time"
-  JAX_LOG_COMPILES=1 timeout ${RUN_TIMEOUT:-560} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" "${common[@]}" \
+  JAX_LOG_COMPILES=1 timeout ${RUN_TIMEOUT:-480} python3 -m jaxflip.train "${recipe[@]}" "$@" --job.output_dir "$OUT/$name" "${common[@]}" \
     >> "$OUT/$name/log.txt" 2>&1
   echo "$name rc=$?"; grep -E "^step |Error|error:" "$OUT/$name/log.txt" | head -4
 }
