@@ -14,8 +14,9 @@
 # memory (largest of the GPUs), XLA compile seconds of the step, seconds from launch to the
 # first step, the losses and the plan's total next to the peak.
 # GPUS (default: every visible GPU), GPU_GB (default 141), STEPS (default 20), RUN_TIMEOUT
-# (seconds per run, default 480: the plan runs first, and a call ends at 600). DRY_RUN=1: on the CPU with GPUS host devices, the tiny
-# aixsim-debug flavor and 2 steps (checks the script, not the figures).
+# (seconds per run, default 480: the plan runs first, and a call ends at 600). DRY_RUN=1: on
+# the CPU with GPUS host devices, the tiny aixsim-debug flavor and 2 steps (checks the script,
+# not the figures).
 set -uo pipefail
 mode=${1:-train}
 steps=${STEPS:-20}
