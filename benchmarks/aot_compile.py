@@ -17,25 +17,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxflip.models.scan import stack_layers
 from jaxflip.train import setup
 from jaxflip.train.config import load_config
 from jaxflip.train.step import (abstract_train_state, batch_sharding, make_optimizer, make_train_step, split_model,
                                 state_sharding)
-
-
-def abstract_model(config, mesh):
-    """What training builds (``setup.build_model``: LoRA, remat, then the bitflip rules), as
-    shapes only."""
-
-    def build():
-        model, _ = setup.build_model(config, mesh)
-        setup.apply_bitflip(config, model)
-        return model
-
-    return nnx.eval_shape(build)
 
 
 def main() -> None:
@@ -45,7 +32,7 @@ def main() -> None:
     config = load_config(args.config, overrides)
     mesh = setup.build_mesh(config)
     start = time.perf_counter()
-    model = abstract_model(config, mesh)
+    model = setup.abstract_model(config, mesh)
     scanned = stack_layers(model)
     graphdef, trainable, frozen, seeds = split_model(model, config.lora.r > 0)
     tx = make_optimizer(config.training)

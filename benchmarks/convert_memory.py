@@ -1,6 +1,8 @@
-"""Peak host memory of the checkpoint converters on a ~1B-parameter model (issue 4).
+"""Peak host memory of the checkpoint converters on a ~1B-parameter model (issue 4), or on
+a few layers of a wide one (issue 13: Llama-3-70B's width, 1 layer, hf-to-orbax only).
 
     python benchmarks/convert_memory.py WORKDIR [--flavor aixsim-1.1B] [--dtype float32]
+    python benchmarks/convert_memory.py WORKDIR --flavor llama3-70B --layers 1 --dtype bfloat16 --only hf-to-orbax
 
 Writes a random-weight HF safetensors folder of the flavor (tensor by tensor, sharded at 2 GB
 as transformers does), then runs hf-to-orbax, orbax-to-hf, orbax-to-titan and titan-to-orbax,
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxflip.convert.common import format_bytes
 from jaxflip.convert.hf import hf_config_dict
 from jaxflip.models import get_flavor
 from jaxflip.models.checkpoint import expected_params
@@ -27,8 +31,8 @@ from jaxflip.models.checkpoint import expected_params
 SHARD_BYTES = 2 * 10**9
 
 
-def write_random_hf(folder: Path, flavor: str, dtype: str) -> None:
-    config = get_flavor(flavor, param_dtype=dtype)
+def write_random_hf(folder: Path, flavor: str, dtype: str, layers: int | None = None) -> None:
+    config = get_flavor(flavor, param_dtype=dtype, **({"num_hidden_layers": layers} if layers else {}))
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     shard, shard_bytes, files, weight_map = {}, 0, [], {}
@@ -39,6 +43,8 @@ def write_random_hf(folder: Path, flavor: str, dtype: str) -> None:
         files.append(name)
         weight_map.update(dict.fromkeys(shard, name))
 
+    largest = max(expected_params(config).values(), key=lambda want: math.prod(want.shape))
+    print(f"largest tensor: {largest.shape}, {format_bytes(math.prod(largest.shape) * np.dtype(dtype).itemsize)}")
     for name, want in expected_params(config).items():
         array = (rng.standard_normal(want.shape, np.float32) * 0.02).astype(
             ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
@@ -63,13 +69,17 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--flavor", default="aixsim-1.1B")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the flavor's)")
+    parser.add_argument("--only", choices=("hf-to-orbax",), help="run this conversion alone")
     args = parser.parse_args()
     hf, orbax, hf_back, titan, orbax_back = (args.workdir / name
                                              for name in ("hf", "orbax", "hf_back", "titan", "orbax_back"))
     if not hf.exists():
-        write_random_hf(hf, args.flavor, args.dtype)
+        write_random_hf(hf, args.flavor, args.dtype, args.layers)
     convert = ["-m", "jaxflip.convert"]
     run(*convert, "hf-to-orbax", str(hf), str(orbax), "--overwrite")
+    if args.only:
+        return
     run(*convert, "orbax-to-hf", str(orbax), str(hf_back), "--overwrite")
     run(*convert, "orbax-to-titan", str(orbax), str(titan), "--overwrite")
     run(*convert, "titan-to-orbax", str(titan), str(orbax_back), "--overwrite")

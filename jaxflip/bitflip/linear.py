@@ -86,8 +86,10 @@ def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_
     flipped, next_exp, next_frac = random_bitflip(
         value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t, sharding=sharding
     )
-    seed_exp[...] = next_exp
-    seed_frac[...] = next_frac
+    # set_value, not ``seed[...] =``: flax compares the shardings of an indexed write, and a
+    # tracer's missing sharding costs jax 0.10 a print of the trace so far (quadratic tracing)
+    seed_exp.set_value(next_exp)
+    seed_frac.set_value(next_frac)
     return flipped
 
 

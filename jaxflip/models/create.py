@@ -36,34 +36,45 @@ def _rngs_at(seed: jax.Array, count: jax.Array) -> nnx.Rngs:
     return rngs
 
 
+def _created(make, part_shardings, mesh: Mesh):
+    """A jitted ``(seed, count) -> (state, count after)`` that builds ``make(rngs)``, its
+    parameters in ``part_shardings``."""
+
+    def create(seed, count):
+        rngs = _rngs_at(seed, count)
+        return nnx.state(make(rngs)), rngs.default.count[...]
+
+    return jax.jit(create, out_shardings=(part_shardings, NamedSharding(mesh, PartitionSpec())))
+
+
+def decoder_layer_creator(config: LlamaConfig, mesh: Mesh, shardings: nnx.State | None = None):
+    """The jitted ``(seed, count) -> (layer state, count after)`` that creates one decoder
+    layer in its shardings (``state_shardings`` of the model's, or of ``shardings``: the
+    ``["model"]["layers"][0]`` part of the whole model's)."""
+    if shardings is None:
+        layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
+        shardings = state_shardings(nnx.state(layer), mesh)
+    return _created(lambda rngs: LlamaDecoderLayer(config, rngs=rngs), shardings, mesh)
+
+
 def create_random_llama(config: LlamaConfig, mesh: Mesh, seed: int) -> LlamaForCausalLM:
     """``LlamaForCausalLM(config, rngs=nnx.Rngs(seed))`` with every parameter created directly
     in its sharding (no full copy on one device)."""
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(seed)))
     shardings = state_shardings(nnx.state(model), mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def created(make, part_shardings):
-        """A jitted ``(seed, count) -> (state, count after)`` that builds ``make(rngs)``."""
-
-        def create(seed, count):
-            rngs = _rngs_at(seed, count)
-            return nnx.state(make(rngs)), rngs.default.count[...]
-
-        return jax.jit(create, out_shardings=(part_shardings, replicated))
 
     seed = jnp.int32(seed)
     count = jnp.uint32(0)
-    embedding, count = created(lambda rngs: Embedding(config, rngs=rngs),
-                               shardings["model"]["embed_tokens"])(seed, count)
+    embedding, count = _created(lambda rngs: Embedding(config, rngs=rngs),
+                                shardings["model"]["embed_tokens"], mesh)(seed, count)
     nnx.update(model.model.embed_tokens, embedding)
-    create_layer = created(lambda rngs: LlamaDecoderLayer(config, rngs=rngs), shardings["model"]["layers"][0])
+    create_layer = decoder_layer_creator(config, mesh, shardings["model"]["layers"][0])
     for layer in model.model.layers:
         layer_state, count = create_layer(seed, count)
         nnx.update(layer, layer_state)
-    norm, _ = created(lambda rngs: RMSNorm(config), shardings["model"]["norm"])(seed, count)
+    norm, _ = _created(lambda rngs: RMSNorm(config), shardings["model"]["norm"], mesh)(seed, count)
     nnx.update(model.model.norm, norm)
     if model.lm_head is not None:
-        lm_head, _ = created(lambda rngs: lm_head_linear(config, rngs), shardings["lm_head"])(seed, count)
+        lm_head, _ = _created(lambda rngs: lm_head_linear(config, rngs), shardings["lm_head"], mesh)(seed, count)
         nnx.update(model.lm_head, lm_head)
     return model

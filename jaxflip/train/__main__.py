@@ -2,8 +2,9 @@
 
 Bitflip-aware pretraining or LoRA, as the config says. ``--print-config`` prints the resolved
 config with its derived numbers (parameters, tokens per step, steps for the token budget)
-and exits. Without ``--config``, the built-in quickstart (``configs/quickstart.toml``'s
-settings) runs.
+and exits; ``--plan 2x141,4x80`` prints its memory per device on those GPUs
+(``jaxflip.train.plan``) and exits. Without ``--config``, the built-in quickstart
+(``configs/quickstart.toml``'s settings) runs.
 
 Errors end with one ``error:`` line: exit status 2 for bad input (config, dataset), 1 for a
 run that cannot go on (a non-finite loss, no restorable checkpoint) or a fault of the
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any config field can be overridden: --training.steps 100, --bitflip.enable false, --steps 100.")
     parser.add_argument("--config", help="TOML (or YAML) job config; default: the built-in quickstart")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plan", nargs="?", const=True, metavar="GPUSxGB,...",
+                        help="print the memory per device on N GPUs of G GB each and exit (default: 2x141,4x80,8x80)")
     args, overrides = parser.parse_known_args(argv)
     from jaxflip.cli import os_error_code
     from jaxflip.data.sources import DataError
@@ -53,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is None:
             args.config = QUICKSTART
         config = load_config(args.config, overrides)
+        if args.plan:
+            from jaxflip.train.plan import DEFAULT_SCENARIOS, Scenario, format_plan, plan
+
+            scenarios = Scenario.parse_list(DEFAULT_SCENARIOS if args.plan is True else args.plan)
+            plans = plan(config, scenarios)
+            print(format_plan(config, plans))
+            print("plan: " + json.dumps([p.summary() for p in plans]))
+            return 0
         if args.print_config:
             import jax
 

@@ -1,7 +1,8 @@
 """Train checkpoints: Orbax, async, the last N kept, resumed exactly.
 
-A checkpoint holds the whole ``TrainState`` (step, trained weights, frozen weights, bitflip
-seeds, optimizer state) as one flat dict keyed by pytree path, restored straight into its
+A checkpoint holds the ``TrainState`` it is given (the loop gives it the step, trained
+weights, bitflip seeds and optimizer state; the frozen weights, never trained, are rebuilt
+from their source on resume) as one flat dict keyed by pytree path, restored straight into its
 shardings (with scanned layers, the stacked layout: a run resumes with the layout it saved, which
 the same config chooses again); and the data stream's position
 (``<output_dir>/data_state/<step>/stream.json``, written before the Orbax save begins so that a
@@ -58,7 +59,9 @@ class Checkpointer:
         self._barriers = itertools.count()
         self._in_flight = None  # the step of a save that may still be running
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # the handler named: a fresh manager then reads a checkpoint's tree metadata (restore)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -104,13 +107,26 @@ class Checkpointer:
         return next((p for p in (folder / DATA_STATE_FILE, folder / "process_0.json") if p.is_file()), None)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        flat = self.manager.restore(step, args=ocp.args.StandardRestore(flatten(target)))
+        target = flatten(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, shardings))
+        flat = self.manager.restore(step, args=ocp.args.StandardRestore(target | self._stale_entries(step, target)))
         path = self._data_state_path(step)
         if path is None:
             raise FileNotFoundError(f"checkpoint step {step} has no data position at "
                                     f"{self.data_directory / str(step) / DATA_STATE_FILE}")
         return unflatten(flat, abstract), json.loads(path.read_text())
+
+    def _stale_entries(self, step: int, target: dict) -> dict:
+        """The arrays of checkpoint ``step`` that ``target`` no longer asks for (the frozen
+        weights, which checkpoints of older versions held), replicated: Orbax restores a
+        checkpoint's whole tree or nothing, so they are read and then dropped."""
+        stored = self.manager.item_metadata(step) or {}
+        some = next(iter(target.values()), None)
+        sharding = getattr(some, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return {key: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+                for key, meta in stored.items() if key not in target}
 
     def restore_latest(self, abstract: TrainState, shardings: TrainState) -> tuple[int, TrainState, dict] | None:
         """The newest checkpoint that restores, as ``(step, state, data position)``; None when

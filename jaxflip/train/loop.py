@@ -141,9 +141,13 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     if config.checkpoint.enable else None)
     data_state = None
     start = 0
-    restored = checkpointer.restore_latest(abstract, shardings) if checkpointer else None
+    # checkpoints leave out the frozen weights (LoRA's base): never trained, they are rebuilt
+    # from their source above (hf_model_path, checkpoint or the random init's seed)
+    restored = (checkpointer.restore_latest(abstract._replace(frozen=None), shardings._replace(frozen=None))
+                if checkpointer else None)
     if restored is not None:
-        latest, state, data_state = restored
+        latest, restored_state, data_state = restored
+        state = restored_state._replace(frozen=state.frozen)
         start = latest
         if main_process:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
@@ -222,7 +226,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                         print(format_validation(validation), flush=True)
                     summary_validation = validation
                 if saving:
-                    checkpointer.save(step, state, stream.state(), force=stop.requested)
+                    checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stop.requested)
                 if stop.requested:
                     break
         if checkpointer:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxflip.bitflip import LoRAParam, add_lora, apply_bitflip_rules, named_linears
+from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules, named_linears
 from jaxflip.bitflip.rules_file import bitflip_section_to_rules
 from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
@@ -119,6 +119,18 @@ def build_model(config: TrainConfig, mesh: Mesh):
             variable.set_value(variable.get_value().astype(jnp.float32))
     model.model.set_remat(m.remat)
     return model, tokenizer_dir
+
+
+def abstract_model(config: TrainConfig, mesh: Mesh) -> LlamaForCausalLM:
+    """What training builds (``build_model``: LoRA, remat, then the bitflip rules), as shapes
+    only (``nnx.eval_shape``: nothing is allocated but the seeds). The rules are applied
+    outside the trace: under it, every seed written (jax 0.10) prints the whole trace so far
+    into an error message never raised, minutes for a 1B model."""
+    model = nnx.eval_shape(lambda: build_model(config, mesh)[0])
+    for _, seed in nnx.to_flat_state(nnx.state(model, BitflipSeed)):
+        seed.set_value(jnp.zeros(seed.shape, seed.dtype))
+    apply_bitflip(config, model)
+    return model
 
 
 def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):

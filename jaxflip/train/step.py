@@ -103,6 +103,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, 
     scanned = scan_layers and stack_layers(model)
     graphdef, trainable, frozen, seeds = split_model(model, lora)
     shardings = state_sharding(mesh, tx, abstract_train_state(tx, trainable, frozen, seeds))
+    # LoRA's factors are made whole on one device (add_lora): placed in their shards now, not at the first step
+    trainable = jax.device_put(trainable, shardings.trainable)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     step = jax.device_put(jnp.int32(0), shardings.step)
     seeds = jax.device_put(seeds, shardings.seeds)

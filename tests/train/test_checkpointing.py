@@ -157,3 +157,17 @@ def test_a_full_disk_is_one_os_error_naming_the_step_and_leaves_nothing_of_the_s
     assert "\n" not in str(raised.value)
     assert step_folders(output_dir) == [] and list((output_dir / "data_state").iterdir()) == []
     checkpointer.close()
+
+
+def test_a_checkpoint_holding_arrays_the_state_no_longer_has_still_resumes(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2, async_save=False)
+    rng = np.random.default_rng()
+    kept, dropped = rng.standard_normal(5).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    checkpointer.save(4, {"w": jnp.asarray(kept), "frozen": jnp.asarray(dropped)}, POSITION)
+    checkpointer.close()
+    reopened = Checkpointer(tmp_path, keep=2, async_save=False)  # a new run: a fresh Orbax manager
+    abstract = {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}
+    state, _ = reopened.restore(4, abstract, {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+    assert list(state) == ["w"]
+    np.testing.assert_array_equal(state["w"], kept)
+    reopened.close()

@@ -13,6 +13,7 @@ from flax import nnx
 from jaxflip.bitflip import LoRAParam, named_linears
 from jaxflip.models import load
 from jaxflip.train import setup
+from jaxflip.train.checkpointing import Checkpointer
 from jaxflip.train.loop import run
 
 
@@ -48,6 +49,26 @@ def test_sigterm_then_resume_gives_the_losses_of_an_unbroken_run(tiny_job, tmp_p
     assert losses(tmp_path / "broken") == losses(tmp_path / "unbroken")
     exported = load(second["model"])  # in the public layout either way
     assert isinstance(exported.model.layers, nnx.List) and len(exported.model.layers) == 2
+
+
+def test_lora_resumes_with_the_losses_of_an_unbroken_run_from_checkpoints_without_the_base(tiny_job, tmp_path):
+    lora = {"lora": {"r": 4, "lora_alpha": 8.0}, "training": {"steps": 4, "lr": 1e-2}}
+    unbroken = tiny_job(job={"output_dir": str(tmp_path / "unbroken")}, **lora)
+    run(unbroken)
+
+    def terminate_at_step_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    broken = tiny_job(job={"output_dir": str(tmp_path / "broken")}, **lora)
+    assert run(broken, on_step=terminate_at_step_2)["step"] == 2
+    checkpointer = Checkpointer(tmp_path / "broken", keep=1, async_save=False)
+    stored = checkpointer.manager.item_metadata(2)
+    checkpointer.close()
+    assert any(key.startswith(".trainable") for key in stored)
+    assert not any(key.startswith(".frozen") for key in stored)
+    assert run(broken)["finished"]
+    assert losses(tmp_path / "broken") == losses(tmp_path / "unbroken")
 
 
 def test_lora_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_job):
