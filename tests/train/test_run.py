@@ -29,7 +29,8 @@ def losses(output_dir):
 EVERY_DOWN_PROJ = {r"model\.layers\.\d+\.mlp\.down_proj": dict(x_p_exp=0.5**10, x_p_frac=0.5**6, x_zero_out_t=30.0)}
 
 
-@pytest.mark.parametrize("layers", ["unrolled", "scanned"])
+# unrolled layers: slow (the scanned case, which the shipped configs use, runs in the default suite)
+@pytest.mark.parametrize("layers", [pytest.param("unrolled", marks=pytest.mark.slow), "scanned"])
 def test_sigterm_then_resume_gives_the_losses_of_an_unbroken_run(tiny_job, tmp_path, capsys, layers):
     bitflip = {"bitflip": {"rules": EVERY_DOWN_PROJ}} if layers == "scanned" else {}
     unbroken = tiny_job(job={"output_dir": str(tmp_path / "unbroken")}, **bitflip)
@@ -86,13 +87,12 @@ def test_lora_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_job):
 
 def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
     """The README's main job, as a user runs it (one CPU device, no compilation cache), cut to
-    40 steps, with a validation loss every 20 (held-out chapters: they too get better)."""
+    40 steps (validation, which compiles a forward of its own, is tested in test_validation.py)."""
     out = tmp_path / "quickstart"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAXFLIP_COMPILATION_CACHE": ""}
     result = subprocess.run(
         [sys.executable, "-m", "jaxflip.train", "--config", "configs/quickstart.toml", "--job.output_dir", str(out),
-         "--training.steps", "40", "--training.log_freq", "5", "--metrics.progress_bar", "false",
-         "--validation.eval_interval", "20", "--validation.eval_steps", "1"],
+         "--training.steps", "40", "--training.log_freq", "5", "--metrics.progress_bar", "false"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     curve = losses(out)
@@ -104,9 +104,6 @@ def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
     assert first["step"] == 1 and first["tokens_per_s"] is None and first["first_step_s"] > 0
     assert "XLA compilation included" in result.stdout
     assert second["step"] == 5 and 4 * 512 / second["tokens_per_s"] < first["first_step_s"]
-    validation = [record for record in records(out) if "val_loss" in record]
-    assert [record["step"] for record in validation] == [20, 40]
-    assert validation[-1]["val_loss"] < validation[0]["val_loss"] < curve[0] - 0.5
     assert (out / "loss.png").is_file() and (out / "model" / "jaxflip_model.json").is_file()
     assert json.loads((out / "config.json").read_text())["derived"]["devices"] == 1
 

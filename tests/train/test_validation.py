@@ -1,4 +1,4 @@
-"""Validation loss during training (a whole run with it: tests/train/test_run.py's quickstart)."""
+"""Validation loss during training."""
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +41,20 @@ def test_validation_is_the_training_forward_and_leaves_training_as_it_was(tiny_j
     assert validated == pytest.approx(reported, rel=1e-5)
     assert reported == losses_alone
     assert jax.tree.all(jax.tree.map(np.array_equal, state.seeds, alone.seeds))
+
+
+def test_a_run_with_validation_records_a_finite_loss_at_each_interval_and_at_the_end(tiny_job):
+    import json
+    from pathlib import Path
+
+    from jaxflip.train.loop import run
+
+    steps = int(np.random.default_rng().integers(3, 6))
+    config = tiny_job(training={"steps": steps, "save_freq": 100}, validation={"eval_interval": 2, "eval_steps": 1},
+                      checkpoint={"enable": False, "export_model": False})
+    summary = run(config)
+    lines = (Path(config.job.output_dir) / "metrics.jsonl").read_text().splitlines()
+    validation = [record for record in map(json.loads, lines) if "val_loss" in record]
+    assert [record["step"] for record in validation] == sorted({*range(2, steps + 1, 2), steps})
+    assert all(np.isfinite(record["val_loss"]) and record["val_loss"] > 0 for record in validation)
+    assert summary["finished"]
