@@ -30,15 +30,9 @@ else
   gpus=${GPUS:-$(nvidia-smi -L | wc -l)}; tiny=()
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
-# carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
 # the 70B step needs ~90 of the H200's 141 GB: more than JAX's default 75% share would leave
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE="" \
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+source benchmarks/device_env.sh
 recipe=(--config configs/llama3-70b-lora.toml --model.hf_model_path "" --parallelism.fsdp_degree -1
         --data.dataset builtin:moby-dick --data.tokenizer builtin --training.warmup_steps 2 "${tiny[@]}")
 common=(--metrics.progress_bar false --metrics.plot false --metrics.tensorboard false --training.log_freq 1

@@ -13,14 +13,8 @@
 # run's per-GPU batch (weak scaling) instead of its global batch.
 set -uo pipefail
 steps=${STEPS:-30}
-# carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE=""
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+source benchmarks/device_env.sh
 common=(--job.start_over true --data.dataset builtin:moby-dick --data.tokenizer builtin
         --checkpoint.enable false --checkpoint.export_model false --metrics.progress_bar false
         --metrics.plot false --metrics.tensorboard false --training.log_freq ${LOG_FREQ:-1})

@@ -26,15 +26,9 @@ else
   tiny=(); per_gpu=${BATCH_PER_GPU:-6}; global=${BATCH_GLOBAL:-8}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
-# carried wheels (datasets, dill, multiprocess: not in the device image), device tool carry=[".whl"]
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
 # the plan (--plan 1x80) puts 1 GPU at 6 x 2048 near 68 GiB: more than JAX's default 75% of 80 GB
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE="" \
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+source benchmarks/device_env.sh
 recipe=(--config configs/aixsim-1.1B.toml --parallelism.fsdp_degree -1 --data.dataset builtin:moby-dick
         --data.tokenizer builtin --training.warmup_steps 10 --bitflip.enable ${FLIPS:-true} "${tiny[@]}")
 common=(--job.start_over true --checkpoint.enable false --checkpoint.export_model false --metrics.progress_bar false

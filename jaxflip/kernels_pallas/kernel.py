@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxflip.kernels_pallas.layout import Segments, segments_global_index
-from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhilo_16bit_split, zero_out_keep
+from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhilo_16bit_split, philox_calls, zero_out_keep
 
 @dataclass(frozen=True)
 class Launch:
@@ -63,7 +63,7 @@ def default_launch(halves: int = 1, interpret: bool = False) -> Launch:
     """The launch for groups of at most ``halves`` (the larger of the two groups'), with the
     environment's overrides (read once per process). In interpret mode (CPU) the block stays
     at 256, where the interpreter runs fastest; early exit follows the rule, as on a GPU."""
-    launch = MANY_CALLS_LAUNCH if -(-halves // 4) >= MANY_CALLS else FEW_CALLS_LAUNCH
+    launch = MANY_CALLS_LAUNCH if philox_calls(halves) >= MANY_CALLS else FEW_CALLS_LAUNCH
     if interpret:
         launch = Launch(FEW_CALLS_LAUNCH.block, FEW_CALLS_LAUNCH.num_warps, launch.early_exit)
     text = os.environ.get("JAXFLIP_BITFLIP_LAUNCH")
