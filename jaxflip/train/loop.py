@@ -178,6 +178,14 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         from tqdm import tqdm
 
         progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def show(line: str) -> None:
+        """A log line on the main process, above the progress bar when there is one."""
+        if progress is not None:
+            progress.write(line)
+        elif main_process:
+            print(line, flush=True)
+
     if main_process:
         print(f"{trainable_param_count(state):,} trained parameters; {tokens_per_step:,} tokens per step; "
               f"mesh {dict(mesh.shape)}", flush=True)
@@ -211,19 +219,13 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                         record["first_step_s"] = now - last_log_time
                     last_log_step, last_log_time = step, now
                     logger.log(record)
-                    if progress is not None:
-                        progress.write(format_record(record))
-                    elif main_process:
-                        print(format_record(record), flush=True)
+                    show(format_record(record))
                     if on_step is not None:
                         on_step(step, record)
                 if validator is not None and due(config, step):
                     validation = {"step": step} | validator(state)
                     logger.log(validation)
-                    if progress is not None:
-                        progress.write(format_validation(validation))
-                    elif main_process:
-                        print(format_validation(validation), flush=True)
+                    show(format_validation(validation))
                     summary_validation = validation
                 if saving:
                     checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stop.requested)
