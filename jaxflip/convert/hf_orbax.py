@@ -23,9 +23,8 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         writer = CheckpointWriter(staging, config, tokenizer_dir=folder if has_tokenizer(folder) else None,
                                   max_shard_bytes=max_shard_bytes)
         for name in names:
-            array = source.read(name).astype(config.param_dtype, copy=False)
-            writer.add(name, array)
-            progress.update(array)
+            writer.add_from(source, name)
+            progress.update(writer.expected[name])
         writer.finish()
     return progress.summary()
 

@@ -6,10 +6,17 @@ share; written and read here (``save``, ``load``, ``CheckpointWriter``, ``Checkp
                               names (``model.layers.0.mlp.up_proj.weight``, LoRA factors
                               ``...lora_A``/``lora_B`` included), split in shards of about
                               ``max_shard_bytes`` each
+    PATH/large_params/NAME/   (version 3) each parameter larger than ``row_block_bytes``: a
+                              zarr v3 array (tensorstore), written in blocks of rows of about
+                              ``row_block_bytes``, chunked by those blocks
     PATH/tokenizer/           the tokenizer files, when the model came with them
 
 Shards let a converter write a 70B model while holding one shard in host memory, and read one
-tensor at a time (Orbax restores a single key of a shard). ``save`` and the converters write
+tensor at a time (Orbax restores a single key of a shard). Orbax holds about three copies of
+what it writes, which at 70B width (a 2 GiB embedding) is too much for one tensor: large
+tensors bypass it, block by block, so the host holds one block of them (hf-to-orbax reads
+just those rows of the safetensors file), and ``load`` reads each device's slice of them
+alone. Version 2 checkpoints (no ``large_params/``) read as before. ``save`` and the converters write
 into a sibling temporary folder and rename it into place (``checkpoint_folder.write_aside``),
 so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
 parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,8 +50,11 @@ from jaxflip.models.tensor_io import ConversionError, TensorSource
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 2
+LARGE_PARAMS_DIR = "large_params"
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: no large_params/
 DEFAULT_SHARD_BYTES = 512 << 20  # Orbax holds about 3 copies of a shard while writing it
+DEFAULT_ROW_BLOCK_BYTES = 128 << 20
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -73,22 +84,51 @@ def lora_settings(model: LlamaForCausalLM) -> dict | None:
     return {"rank": rank, "alpha": alpha, "layers": sorted(adapters)}
 
 
+def rows_per_block(shape: tuple[int, ...], dtype, block_bytes: int) -> int:
+    """How many rows (along the first axis) of an array make a block of at most
+    ``block_bytes`` (at least one row)."""
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    return max(1, block_bytes // max(1, row_bytes))
+
+
+def index_range(index: slice, size: int) -> tuple[int, int]:
+    start, stop, _ = index.indices(size)
+    return start, stop
+
+
+def open_large_param(path: Path, *, create_like: jax.ShapeDtypeStruct | None = None, chunk_rows: int = 0):
+    """The zarr v3 array of a large parameter; with ``create_like``, created (chunks of
+    ``chunk_rows`` whole rows, uncompressed: weights do not compress)."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    if create_like is None:
+        return ts.open(spec, open=True).result()
+    shape = tuple(create_like.shape)
+    return ts.open(spec, create=True, dtype=ts.dtype(np.dtype(create_like.dtype)), shape=shape,
+                   chunk_layout=ts.ChunkLayout(chunk_shape=(chunk_rows, *shape[1:]))).result()
+
+
 class CheckpointWriter:
     """Fills a (staging) checkpoint folder parameter by parameter, holding at most one shard
-    of about ``max_shard_bytes`` in memory.
+    of about ``max_shard_bytes`` in memory, or one block of ``row_block_bytes`` of a larger
+    parameter.
 
     ``add`` checks each name and shape against the config and casts to its ``param_dtype``
-    (LoRA factors excepted);
+    (LoRA factors excepted); ``add_from`` does the same for a tensor of a ``TensorSource``,
+    reading a large one a block of rows at a time;
     ``finish`` writes the last shard and the metadata and checks that nothing is missing.
     """
 
     def __init__(self, folder: Path, config: LlamaConfig, *, lora: dict | None = None,
-                 tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 row_block_bytes: int = DEFAULT_ROW_BLOCK_BYTES):
         self.folder = Path(folder)
         self.config = config
         self.lora = lora
         self.tokenizer_dir = tokenizer_dir
         self.max_shard_bytes = max_shard_bytes
+        self.row_block_bytes = row_block_bytes
         self.expected = expected_params(config, lora)
         self.written: set[str] = set()
         self.shard: dict = {}
@@ -96,23 +136,63 @@ class CheckpointWriter:
         self.shard_count = 0
         self.checkpointer = ocp.StandardCheckpointer()
 
-    def add(self, name: str, value) -> None:
-        """``value``: a numpy or jax array (jax arrays may be sharded: Orbax writes each shard
-        from its device)."""
+    def _checked_dtype(self, name: str, shape: tuple[int, ...], dtype) -> np.dtype:
+        """The dtype ``name`` is stored in, after checking it is a new parameter of ``shape``."""
         if name not in self.expected:
             raise ValueError(f"{name} is not a parameter of this model")
         if name in self.written or name in self.shard:
             raise ValueError(f"{name} was added twice")
         want = self.expected[name]
-        if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}, the config expects {tuple(want.shape)}")
+        if tuple(shape) != tuple(want.shape):
+            raise ValueError(f"{name} has shape {tuple(shape)}, the config expects {tuple(want.shape)}")
         # LoRA factors keep the dtype they were trained in (float32 over a bfloat16 base)
-        if value.dtype != want.dtype and name.rsplit(".", 1)[-1] not in LORA_FACTORS:
-            value = value.astype(want.dtype)
+        return np.dtype(dtype if name.rsplit(".", 1)[-1] in LORA_FACTORS else want.dtype)
+
+    def _is_large(self, shape: tuple[int, ...], dtype) -> bool:
+        return math.prod(shape) * np.dtype(dtype).itemsize > self.row_block_bytes
+
+    def _write_large(self, name: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> None:
+        """Write ``pieces`` (``(index, read)`` pairs: where a part of the parameter goes, and
+        a function of a row range within it that reads those rows) block by block."""
+        chunk_rows = rows_per_block(shape, dtype, self.row_block_bytes)
+        array = open_large_param(self.folder / LARGE_PARAMS_DIR / name,
+                                 create_like=jax.ShapeDtypeStruct(shape, dtype), chunk_rows=chunk_rows)
+        for index, read in pieces:
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            first, last = index_range(index[0], shape[0])
+            for start in range(first, last, chunk_rows):
+                stop = min(start + chunk_rows, last)
+                block = np.asarray(read(start - first, stop - first)).astype(dtype, copy=False)
+                array[(slice(start, stop), *index[1:])].write(block).result()
+        self.written.add(name)
+
+    def add(self, name: str, value) -> None:
+        """``value``: a numpy or jax array (jax arrays may be sharded: each shard is written
+        from its device, never gathered)."""
+        dtype = self._checked_dtype(name, value.shape, value.dtype)
+        if self._is_large(value.shape, dtype):
+            if isinstance(value, jax.Array):
+                pieces = [(shard.index, lambda start, stop, data=shard.data: data[start:stop])
+                          for shard in value.addressable_shards if shard.replica_id == 0]
+            else:
+                pieces = [((), lambda start, stop: value[start:stop])]
+            self._write_large(name, tuple(value.shape), dtype, pieces)
+            return
+        if value.dtype != dtype:
+            value = value.astype(dtype)
         if self.shard and self.shard_bytes + value.nbytes > self.max_shard_bytes:
             self._write_shard()
         self.shard[name] = value
         self.shard_bytes += value.nbytes
+
+    def add_from(self, source: TensorSource, name: str) -> None:
+        """``source``'s tensor ``name``; a large one read and written a block of rows at a time."""
+        shape, source_dtype = source.shapes[name], source.dtypes[name]
+        dtype = self._checked_dtype(name, shape, source_dtype)
+        if self._is_large(shape, dtype):
+            self._write_large(name, shape, dtype, [((), lambda start, stop: source.read_rows(name, start, stop))])
+        else:
+            self.add(name, source.read(name))
 
     def _write_shard(self) -> None:
         self.checkpointer.save(self.folder / PARAMS_DIR / f"{self.shard_count:05d}", self.shard)
@@ -135,11 +215,12 @@ class CheckpointWriter:
 
 
 def save(model: LlamaForCausalLM, path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-         overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+         overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+         row_block_bytes: int = DEFAULT_ROW_BLOCK_BYTES) -> Path:
     """Write ``model`` (and the tokenizer files of ``tokenizer_dir``) to ``path`` atomically."""
     with write_aside(path, overwrite=overwrite) as staging:
         writer = CheckpointWriter(staging, model.config, lora=lora_settings(model), tokenizer_dir=tokenizer_dir,
-                                  max_shard_bytes=max_shard_bytes)
+                                  max_shard_bytes=max_shard_bytes, row_block_bytes=row_block_bytes)
         for name, value in flat_params(param_state(model)).items():
             writer.add(name, value)
         writer.finish()
@@ -151,7 +232,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a jaxflip model checkpoint (no {METADATA_FILE})")
     metadata = json.loads((path / METADATA_FILE).read_text())
-    if metadata.get("format") != "jaxflip-llama" or metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("format") != "jaxflip-llama" or metadata.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported checkpoint format {metadata.get('format')!r} "
                          f"version {metadata.get('version')!r}")
     return metadata
@@ -169,8 +250,9 @@ def tokenizer_path(path: str | os.PathLike) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata.ArrayMetadata]]:
-    """Name -> (shard folder, Orbax array metadata: shape, dtype) of every stored parameter."""
+def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata.ArrayMetadata | jax.ShapeDtypeStruct]]:
+    """Name -> (where: its Orbax shard folder, or its own zarr array for a large one;
+    its shape and dtype) of every stored parameter."""
     params_dir = Path(path).absolute() / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{path}: no {PARAMS_DIR}/ folder")
@@ -179,12 +261,22 @@ def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata
         metadata = ocp.StandardCheckpointer().metadata(shard)
         for name, array in dict(metadata.item_metadata.tree).items():
             stored[name] = (shard, array)
+    large_dir = params_dir.parent / LARGE_PARAMS_DIR
+    for location in sorted(large_dir.iterdir()) if large_dir.is_dir() else ():
+        array = open_large_param(location)
+        stored[location.name] = (location, jax.ShapeDtypeStruct(tuple(array.shape), array.dtype.numpy_dtype))
     return stored
 
 
-def read_param(shard: Path, name: str) -> np.ndarray:
-    """One stored parameter as a host numpy array, read alone from its shard."""
-    restored = ocp.PyTreeCheckpointer().restore(shard, args=ocp.args.PyTreeRestore(
+def is_large_param(location: Path) -> bool:
+    return location.parent.name == LARGE_PARAMS_DIR
+
+
+def read_param(location: Path, name: str) -> np.ndarray:
+    """One stored parameter as a host numpy array, read alone from its shard or zarr array."""
+    if is_large_param(location):
+        return open_large_param(location).read().result()
+    restored = ocp.PyTreeCheckpointer().restore(location, args=ocp.args.PyTreeRestore(
         item={name: 0}, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)}, partial_restore=True))
     return restored[name]
 
@@ -207,12 +299,17 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
     check_params(path, {name: array.shape for name, (_, array) in stored.items()}, wanted)
     check_floating(path, {name: array.dtype for name, (_, array) in stored.items()})
     by_shard: dict[Path, dict] = {}
-    for name, (shard, array) in stored.items():
-        # restore in the stored dtype (exact) and cast after
-        by_shard.setdefault(shard, {})[name] = jax.ShapeDtypeStruct(
-            array.shape, array.dtype,
-            sharding=shardings.get(name, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
     restored = {}
+    for name, (location, array) in stored.items():
+        # restore in the stored dtype (exact) and cast after
+        sharding = shardings.get(name, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        if is_large_param(location):
+            # each device's slice read alone: the host holds one slice at a time
+            stored_array = open_large_param(location)
+            restored[name] = jax.make_array_from_callback(
+                tuple(array.shape), sharding, lambda index, a=stored_array: a[index].read().result())
+        else:
+            by_shard.setdefault(location, {})[name] = jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding)
     for shard, targets in by_shard.items():
         restored |= ocp.StandardCheckpointer().restore(shard, targets)
     for variable_path, variable in nnx.to_flat_state(params):

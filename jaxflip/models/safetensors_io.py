@@ -35,11 +35,22 @@ class SafetensorsSource(TensorSource):
                 self.dtypes[name] = dtype
 
     def read(self, name: str) -> np.ndarray:
-        file, offset, count = self.locations[name]
-        array = np.empty(self.shapes[name], self.dtypes[name])  # of count bytes: see safetensors_entry
+        # of the byte count in the header: see safetensors_entry
+        return self._read_into(name, np.empty(self.shapes[name], self.dtypes[name]), 0)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` alone: the tensor is row-major, so they are one byte range."""
+        shape, dtype = self.shapes[name], self.dtypes[name]
+        stop = min(stop, shape[0])
+        rows = np.empty((max(0, stop - start), *shape[1:]), dtype)
+        return self._read_into(name, rows, start * math.prod(shape[1:]) * dtype.itemsize)
+
+    def _read_into(self, name: str, array: np.ndarray, skip: int) -> np.ndarray:
+        """Fill ``array`` with the bytes of tensor ``name`` from ``skip`` bytes into it."""
+        file, offset, _ = self.locations[name]
         with open(file, "rb") as f:
-            f.seek(offset)
-            if f.readinto(array.reshape(-1).view(np.uint8)) != count:
+            f.seek(offset + skip)
+            if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
                 raise ConversionError(f"{file}: ends inside tensor {name}")
         return array
 

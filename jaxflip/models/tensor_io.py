@@ -38,6 +38,11 @@ class TensorSource:
     def read(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of tensor ``name``; sources that can
+        read them alone do so, without the rest of the tensor."""
+        return self.read(name)[start:stop]
+
 
 def resolve_dtype(requested: str, source_dtypes) -> str:
     """The parameter dtype of a conversion. ``keep``: the source's own when it is one of
@@ -104,6 +109,9 @@ class TorchFileSource(TensorSource):
     def read(self, name: str) -> np.ndarray:
         return torch_to_numpy(self.tensors[name])
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return torch_to_numpy(self.tensors[name][start:stop])  # memory-mapped: only these rows are touched
+
 
 def peak_host_memory_bytes() -> int:
     """The process's peak resident memory so far. On Linux, ``VmHWM`` of /proc/self/status:
@@ -137,9 +145,10 @@ class Progress:
         self.start = time.perf_counter()
 
     def update(self, array) -> None:
+        """Count ``array`` (an array, or anything with its shape and dtype)."""
         self.tensors += 1
         self.parameters += int(np.prod(array.shape))
-        self.bytes += array.nbytes
+        self.bytes += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
         self.bar.update()
 
     def summary(self) -> str:
