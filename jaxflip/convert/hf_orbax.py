@@ -10,18 +10,19 @@ from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer
 from jaxflip.models.hf_io import hf_config_dict, open_hf, special_token_ids
 from jaxflip.models.orbax_io import DEFAULT_SHARD_BYTES, CheckpointSource, CheckpointWriter, tokenizer_path
 from jaxflip.models.safetensors_io import SafetensorsShardWriter
-from jaxflip.models.tensor_io import Progress, resolve_dtype
+from jaxflip.models.tensor_io import DEFAULT_ROW_BLOCK_BYTES, Progress, resolve_dtype
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, row_block_bytes: int = DEFAULT_ROW_BLOCK_BYTES) -> str:
     """Convert an HF Llama (folder or hub id) into a jaxflip checkpoint at ``dst``, tokenizer
-    files included. Returns the summary line."""
+    files included; a tensor larger than ``row_block_bytes`` is read and written a block of
+    rows at a time. Returns the summary line."""
     folder, source, config, names = open_hf(src, dtype)
     with (Progress(len(names), f"hf-to-orbax {config.param_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
         writer = CheckpointWriter(staging, config, tokenizer_dir=folder if has_tokenizer(folder) else None,
-                                  max_shard_bytes=max_shard_bytes)
+                                  max_shard_bytes=max_shard_bytes, row_block_bytes=row_block_bytes)
         for name in names:
             writer.add_from(source, name)
             progress.update(writer.expected[name])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,8 +34,8 @@ from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.named_params import check_floating, check_params, expected_params
 from jaxflip.models.safetensors_io import SafetensorsSource
 from jaxflip.models.sharding import state_shardings
-from jaxflip.models.tensor_io import (ConversionError, Progress, TensorSource, TorchFileSource, load_torch_file,
-                                      resolve_dtype, torch_to_numpy)
+from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, Progress, RowBlockTensor, TensorSource,
+                                      TorchFileSource, load_torch_file, resolve_dtype, torch_to_numpy)
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -140,7 +141,8 @@ def _to_numpy(tensor) -> np.ndarray:
 
 def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping, *, mesh: Mesh | None = None) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` holding the tensors of an HF ``LlamaForCausalLM`` state dict
-    (torch tensors or arrays), cast to ``config.param_dtype``.
+    (torch tensors, arrays, or ``RowBlockTensor``s: each device's slice read alone), cast to
+    ``config.param_dtype``.
 
     ``config``: a ``LlamaConfig`` or an HF config (dict, path or ``transformers`` config; see
     ``config_from_hf``). With ``mesh``, each tensor goes straight to its sharded layout.
@@ -165,7 +167,8 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
     loaded = []
     for path, variable in flat_state:
         if path in keys:
-            value = _to_numpy(state_dict[keys[path]])
+            value = state_dict[keys[path]]
+            value = value if isinstance(value, RowBlockTensor) else _to_numpy(value)
             if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
                 raise ValueError(f"{keys[path]!r}: HF tensor holds {value.dtype} values, not floating point; "
                                  f"weights are not cast from integers")
@@ -174,19 +177,31 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
         else:  # a bitflip seed
             value = np.zeros(variable.shape, variable.dtype)
         sharding = shardings[path].get_value() if path in shardings else None
-        loaded.append((path, variable.replace(jax.device_put(value.astype(variable.dtype), sharding))))
+        if isinstance(value, RowBlockTensor):
+            array = jax.make_array_from_callback(
+                value.shape, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                lambda index, tensor=value, dtype=variable.dtype: tensor.read(index).astype(dtype))
+        else:
+            array = jax.device_put(value.astype(variable.dtype), sharding)
+        loaded.append((path, variable.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
 class _StreamingStateDict(Mapping):
     """A state dict that reads each tensor when it is looked up (once, by
-    ``llama_from_hf_state_dict``), so one tensor is in host memory at a time."""
+    ``llama_from_hf_state_dict``), so one tensor is in host memory at a time; one larger than
+    ``row_block_bytes`` comes as a ``RowBlockTensor``, so only a device's slice of it is."""
 
-    def __init__(self, source: TensorSource, names: list[str], progress: Progress):
+    def __init__(self, source: TensorSource, names: list[str], progress: Progress, row_block_bytes: int):
         self.source, self.names, self.progress = source, names, progress
+        self.row_block_bytes = row_block_bytes
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        array = self.source.read(name)
+    def __getitem__(self, name: str) -> np.ndarray | RowBlockTensor:
+        shape, dtype = self.source.shapes[name], self.source.dtypes[name]
+        if shape and math.prod(shape) * dtype.itemsize > self.row_block_bytes:
+            array = RowBlockTensor(self.source, name, self.row_block_bytes)
+        else:
+            array = self.source.read(name)
         self.progress.update(array)
         return array
 
@@ -198,16 +213,18 @@ class _StreamingStateDict(Mapping):
 
 
 def load_hf_model(path_or_hub_id: str | os.PathLike, *, mesh: Mesh | None = None,
-                  param_dtype: str | None = None, dtype: str | None = None) -> tuple[LlamaForCausalLM, Path | None]:
+                  param_dtype: str | None = None, dtype: str | None = None,
+                  row_block_bytes: int = DEFAULT_ROW_BLOCK_BYTES) -> tuple[LlamaForCausalLM, Path | None]:
     """An HF Llama (folder or hub id) as a ``LlamaForCausalLM``, and its folder when it holds
     tokenizer files (else None). Tensors stream in one at a time, each straight into its
-    (``mesh``-sharded) place. ``param_dtype``: None keeps the checkpoint's (float32 or
-    bfloat16; float16 becomes float32). ``dtype``: the compute dtype (None: ``param_dtype``)."""
+    (``mesh``-sharded) place; of one larger than ``row_block_bytes``, each device reads its
+    own slice a block of rows at a time. ``param_dtype``: None keeps the checkpoint's (float32
+    or bfloat16; float16 becomes float32). ``dtype``: the compute dtype (None: ``param_dtype``)."""
     folder, source, config, names = open_hf(path_or_hub_id, param_dtype or "keep")
     if dtype is not None:
         config = LlamaConfig(**(dataclasses.asdict(config) | {"dtype": dtype, "rope_scaling": config.rope_scaling}))
     with Progress(len(names), f"loading {path_or_hub_id}") as progress:
-        model = llama_from_hf_state_dict(config, _StreamingStateDict(source, names, progress), mesh=mesh)
+        model = llama_from_hf_state_dict(config, _StreamingStateDict(source, names, progress, row_block_bytes), mesh=mesh)
     return model, folder if has_tokenizer(folder) else None
 
 

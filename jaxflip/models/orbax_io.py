@@ -45,7 +45,7 @@ from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
-from jaxflip.models.tensor_io import ConversionError, TensorSource
+from jaxflip.models.tensor_io import DEFAULT_ROW_BLOCK_BYTES, ConversionError, TensorSource, rows_per_block
 
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
@@ -54,7 +54,6 @@ LARGE_PARAMS_DIR = "large_params"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: no large_params/
 DEFAULT_SHARD_BYTES = 512 << 20  # Orbax holds about 3 copies of a shard while writing it
-DEFAULT_ROW_BLOCK_BYTES = 128 << 20
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -82,18 +81,6 @@ def lora_settings(model: LlamaForCausalLM) -> dict | None:
         raise ValueError(f"LoRA adapters with different rank/alpha cannot be saved together: {sorted(ranks)}")
     (rank, alpha), = ranks
     return {"rank": rank, "alpha": alpha, "layers": sorted(adapters)}
-
-
-def rows_per_block(shape: tuple[int, ...], dtype, block_bytes: int) -> int:
-    """How many rows (along the first axis) of an array make a block of at most
-    ``block_bytes`` (at least one row)."""
-    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
-    return max(1, block_bytes // max(1, row_bytes))
-
-
-def index_range(index: slice, size: int) -> tuple[int, int]:
-    start, stop, _ = index.indices(size)
-    return start, stop
 
 
 def open_large_param(path: Path, *, create_like: jax.ShapeDtypeStruct | None = None, chunk_rows: int = 0):
@@ -159,7 +146,7 @@ class CheckpointWriter:
                                  create_like=jax.ShapeDtypeStruct(shape, dtype), chunk_rows=chunk_rows)
         for index, read in pieces:
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-            first, last = index_range(index[0], shape[0])
+            first, last, _ = index[0].indices(shape[0])
             for start in range(first, last, chunk_rows):
                 stop = min(start + chunk_rows, last)
                 block = np.asarray(read(start - first, stop - first)).astype(dtype, copy=False)

@@ -8,6 +8,7 @@ then holds one tensor (or one output shard) at a time.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -21,6 +22,8 @@ import numpy as np
 
 DTYPE_CHOICES = ("keep", "float32", "bfloat16")
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# a tensor larger than this is read and written in blocks of rows of about this size
+DEFAULT_ROW_BLOCK_BYTES = 128 << 20
 
 
 class ConversionError(ValueError):
@@ -42,6 +45,33 @@ class TensorSource:
         """Rows ``start:stop`` (along the first axis) of tensor ``name``; sources that can
         read them alone do so, without the rest of the tensor."""
         return self.read(name)[start:stop]
+
+
+def rows_per_block(shape: tuple[int, ...], dtype, block_bytes: int) -> int:
+    """How many rows (along the first axis) of an array make a block of at most
+    ``block_bytes`` (at least one row)."""
+    row_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+    return max(1, block_bytes // max(1, row_bytes))
+
+
+class RowBlockTensor:
+    """A source tensor too large to hold whole beside its shards: ``read(index)`` reads one
+    device's slice, a block of rows at a time (see ``TensorSource.read_rows``)."""
+
+    def __init__(self, source: TensorSource, name: str, block_bytes: int = DEFAULT_ROW_BLOCK_BYTES):
+        self.source, self.name = source, name
+        self.shape, self.dtype = tuple(source.shapes[name]), np.dtype(source.dtypes[name])
+        self.block_rows = rows_per_block(self.shape, self.dtype, block_bytes)
+
+    def read(self, index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        first, last, _ = index[0].indices(self.shape[0])
+        rest = (slice(None), *index[1:])
+        out = np.empty(tuple(len(range(*part.indices(size))) for part, size in zip(index, self.shape)), self.dtype)
+        for start in range(first, last, self.block_rows):
+            stop = min(start + self.block_rows, last)
+            out[start - first:stop - first] = self.source.read_rows(self.name, start, stop)[rest]
+        return out
 
 
 def resolve_dtype(requested: str, source_dtypes) -> str:
