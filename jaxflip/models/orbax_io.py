@@ -45,7 +45,8 @@ from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
-from jaxflip.models.tensor_io import DEFAULT_ROW_BLOCK_BYTES, ConversionError, TensorSource, rows_per_block
+from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, RowBlockTensor, TensorSource,
+                                      rows_per_block)
 
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
@@ -139,17 +140,17 @@ class CheckpointWriter:
         return math.prod(shape) * np.dtype(dtype).itemsize > self.row_block_bytes
 
     def _write_large(self, name: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> None:
-        """Write ``pieces`` (``(index, read)`` pairs: where a part of the parameter goes, and
-        a function of a row range within it that reads those rows) block by block."""
+        """Write ``pieces`` (``(index, rows)`` pairs: where a part of the parameter goes, and
+        the part, sliced a block of rows at a time) block by block."""
         chunk_rows = rows_per_block(shape, dtype, self.row_block_bytes)
         array = open_large_param(self.folder / LARGE_PARAMS_DIR / name,
                                  create_like=jax.ShapeDtypeStruct(shape, dtype), chunk_rows=chunk_rows)
-        for index, read in pieces:
+        for index, rows in pieces:
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
             first, last, _ = index[0].indices(shape[0])
             for start in range(first, last, chunk_rows):
                 stop = min(start + chunk_rows, last)
-                block = np.asarray(read(start - first, stop - first)).astype(dtype, copy=False)
+                block = np.asarray(rows[start - first:stop - first]).astype(dtype, copy=False)
                 array[(slice(start, stop), *index[1:])].write(block).result()
         self.written.add(name)
 
@@ -158,11 +159,11 @@ class CheckpointWriter:
         from its device, never gathered)."""
         dtype = self._checked_dtype(name, value.shape, value.dtype)
         if self._is_large(value.shape, dtype):
-            if isinstance(value, jax.Array):
-                pieces = [(shard.index, lambda start, stop, data=shard.data: data[start:stop])
-                          for shard in value.addressable_shards if shard.replica_id == 0]
+            if isinstance(value, jax.Array):  # one shard on the host at a time, as Orbax would
+                pieces = ((shard.index, np.asarray(shard.data))
+                          for shard in value.addressable_shards if shard.replica_id == 0)
             else:
-                pieces = [((), lambda start, stop: value[start:stop])]
+                pieces = [((), value)]
             self._write_large(name, tuple(value.shape), dtype, pieces)
             return
         if value.dtype != dtype:
@@ -177,7 +178,7 @@ class CheckpointWriter:
         shape, source_dtype = source.shapes[name], source.dtypes[name]
         dtype = self._checked_dtype(name, shape, source_dtype)
         if self._is_large(shape, dtype):
-            self._write_large(name, shape, dtype, [((), lambda start, stop: source.read_rows(name, start, stop))])
+            self._write_large(name, shape, dtype, [((), RowBlockTensor(source, name, self.row_block_bytes))])
         else:
             self.add(name, source.read(name))
 

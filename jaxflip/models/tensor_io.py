@@ -55,8 +55,8 @@ def rows_per_block(shape: tuple[int, ...], dtype, block_bytes: int) -> int:
 
 
 class RowBlockTensor:
-    """A source tensor too large to hold whole beside its shards: ``read(index)`` reads one
-    device's slice, a block of rows at a time (see ``TensorSource.read_rows``)."""
+    """A source tensor too large to hold whole: ``read(index)`` reads one device's slice, and
+    ``tensor[start:stop]`` some rows, a block of rows at a time (``TensorSource.read_rows``)."""
 
     def __init__(self, source: TensorSource, name: str, block_bytes: int = DEFAULT_ROW_BLOCK_BYTES):
         self.source, self.name = source, name
@@ -72,6 +72,9 @@ class RowBlockTensor:
             stop = min(start + self.block_rows, last)
             out[start - first:stop - first] = self.source.read_rows(self.name, start, stop)[rest]
         return out
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.read((rows,))
 
 
 def resolve_dtype(requested: str, source_dtypes) -> str:

@@ -9,9 +9,12 @@ from hf_models import hf_logits, random_hf_model, random_tokens, relative_error,
 from safetensors.numpy import load_file
 
 from jaxflip.convert.__main__ import main
+from jaxflip.convert.hf_orbax import hf_to_orbax, orbax_to_hf
 from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import load
-from jaxflip.models.orbax_io import read_config, read_param, stored_params
+from jaxflip.models.named_params import flat_params, param_state
+from jaxflip.models.orbax_io import LARGE_PARAMS_DIR, read_config, read_param, stored_params
+from jaxflip.models.safetensors_io import SafetensorsSource
 from jaxflip.models.tensor_io import torch_to_numpy
 
 
@@ -85,6 +88,34 @@ def test_bfloat16_conversion_rounds_like_torch(tmp_path):
     for name, tensor in hf_model.state_dict().items():
         expected = torch_to_numpy(tensor.to(torch.bfloat16))
         assert np.array_equal(read_param(stored[name][0], name).view(np.uint16), expected.view(np.uint16)), name
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_large_tensors_convert_a_block_of_rows_at_a_time_bit_exact(tmp_path, monkeypatch, dtype):
+    """A tiny block size forces the row-block path of 70B-wide tensors: never read whole,
+    stored in their own arrays, bit for bit what torch's cast gives, back to HF unchanged."""
+    block_bytes = 4096
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng())
+    save_hf_folder(hf_model, tmp_path / "hf", max_shard_size="60KB")
+    expected = {name: torch_to_numpy(tensor if dtype == "keep" else tensor.to(torch.bfloat16))
+                for name, tensor in hf_model.state_dict().items()}
+    read_whole = []
+    original_read = SafetensorsSource.read
+    monkeypatch.setattr(SafetensorsSource, "read", lambda self, name: read_whole.append(name) or original_read(self, name))
+    hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", dtype=dtype, row_block_bytes=block_bytes)
+    stored = stored_params(tmp_path / "orbax")
+    large = {name for name, (location, _) in stored.items() if location.parent.name == LARGE_PARAMS_DIR}
+    assert large == {name for name, array in expected.items() if array.nbytes > block_bytes}
+    assert "model.embed_tokens.weight" in large and not large & set(read_whole)
+    for name, array in expected.items():
+        assert np.array_equal(read_param(stored[name][0], name).view(np.uint8), array.view(np.uint8)), name
+    loaded = flat_params(param_state(load(tmp_path / "orbax")))
+    for name, array in expected.items():
+        assert np.array_equal(np.asarray(loaded[name]).view(np.uint8), array.view(np.uint8)), name
+    orbax_to_hf(tmp_path / "orbax", tmp_path / "hf_back")
+    back = hf_tensors(tmp_path / "hf_back")
+    for name, array in expected.items():
+        assert back[name].dtype == array.dtype and np.array_equal(back[name], array), name
 
 
 def test_overwrite_replaces_the_destination(tmp_path):

@@ -1,11 +1,15 @@
 """Loading an HF Llama folder as a model: the older torch.save layout, the stored dtype kept."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, save_hf_folder, tiny_hf_config
 
 from jaxflip.models.hf_io import load_hf_model
+from jaxflip.models.named_params import flat_params, param_state
+from jaxflip.models.sharding import make_mesh, state_shardings
 from jaxflip.models.tensor_io import torch_to_numpy
 
 
@@ -29,3 +33,22 @@ def test_load_hf_model_keeps_bfloat16(tmp_path):
     weight = model.model.layers[1].mlp.up_proj.weight[...]
     assert weight.dtype == jnp.bfloat16
     assert np.array_equal(np.asarray(weight), torch_to_numpy(hf_model.model.layers[1].mlp.up_proj.weight))
+
+
+def test_load_hf_model_puts_each_tensor_in_its_shard(tmp_path):
+    """With a mesh, every parameter lands in its FSDP layout; a tensor above the block size
+    (the embedding here) is read per device slice, a block of rows at a time."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces 8 host devices)")
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng())
+    save_hf_folder(hf_model, tmp_path, max_shard_size="60KB")
+    mesh = make_mesh(dp=2, fsdp=4)
+    model, _ = load_hf_model(tmp_path, mesh=mesh, row_block_bytes=4096)
+    loaded = flat_params(param_state(model))
+    expected = flat_params(state_shardings(param_state(model), mesh))
+    assert not loaded["model.embed_tokens.weight"].sharding.is_fully_replicated  # the rules shard it
+    for name, tensor in hf_model.state_dict().items():
+        value = loaded[name]
+        assert value.sharding.is_equivalent_to(expected[name], value.ndim), name
+        assert all(shard.data.shape == expected[name].shard_shape(value.shape) for shard in value.addressable_shards)
+        assert np.array_equal(np.asarray(value), torch_to_numpy(tensor)), name

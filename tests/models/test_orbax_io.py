@@ -1,10 +1,12 @@
 """jaxflip.models.save / load: the one model checkpoint (config, sharded Orbax params, tokenizer)."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -12,10 +14,13 @@ from jaxflip.bitflip import BitFlipLoRALinear, LoRAParam, add_lora
 from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import LlamaForCausalLM, get_flavor, load, save
 from jaxflip.models.named_params import flat_params, param_state
-from jaxflip.models.orbax_io import METADATA_FILE, PARAMS_DIR, stored_params, tokenizer_path
+from jaxflip.models.orbax_io import (LARGE_PARAMS_DIR, METADATA_FILE, PARAMS_DIR, config_to_dict, lora_settings,
+                                     stored_params, tokenizer_path)
 from jaxflip.models.sharding import make_mesh, state_shardings
+from jaxflip.models.tensor_io import rows_per_block
 
 DEBUG = get_flavor("aixsim-debug", vocab_size=512)
+BLOCK_BYTES = 32 << 10  # below the debug model's larger weights (embedding, MLP, q/o): they take the row-block path
 
 
 def random_lora_model(rng: np.random.Generator) -> LlamaForCausalLM:
@@ -37,6 +42,68 @@ def saved(tmp_path_factory):
     path = save(model, tmp_path_factory.mktemp("checkpoint") / "model", tokenizer_dir=builtin_tokenizer_dir(),
                 max_shard_bytes=300_000)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def saved_in_blocks(saved, tmp_path_factory):
+    model, _ = saved
+    return model, save(model, tmp_path_factory.mktemp("blocks") / "model", row_block_bytes=BLOCK_BYTES)
+
+
+def assert_exact(restored: dict, original: dict) -> None:
+    assert sorted(restored) == sorted(original)
+    for name, array in original.items():
+        assert restored[name].dtype == array.dtype and np.array_equal(restored[name], array), name
+
+
+def test_params_larger_than_a_block_are_stored_in_row_blocks(saved_in_blocks):
+    model, path = saved_in_blocks
+    original = params_of(model)
+    large = {name for name, (location, _) in stored_params(path).items() if location.parent.name == LARGE_PARAMS_DIR}
+    assert large == {name for name, array in original.items() if array.nbytes > BLOCK_BYTES}
+    for name in large:
+        chunks = [file for file in (path / LARGE_PARAMS_DIR / name / "c").rglob("*") if file.is_file()]
+        rows = original[name].shape[0]
+        assert len(chunks) == math.ceil(rows / rows_per_block(original[name].shape, original[name].dtype, BLOCK_BYTES)) > 1
+
+
+def test_row_block_round_trip_is_exact(saved_in_blocks):
+    model, path = saved_in_blocks
+    assert_exact(params_of(load(path)), params_of(model))
+
+
+def test_sharded_load_puts_each_device_slice_of_a_large_param_in_place(saved_in_blocks):
+    model, path = saved_in_blocks
+    mesh = make_mesh(dp=2, fsdp=4)
+    restored = flat_params(param_state(load(path, mesh=mesh)))
+    expected = flat_params(state_shardings(param_state(load(path, mesh=mesh)), mesh))
+    embedding = restored["model.embed_tokens.weight"]
+    assert not embedding.sharding.is_fully_replicated  # the rules shard it: FSDP over the model dimension
+    for name, value in restored.items():
+        assert value.sharding.is_equivalent_to(expected[name], value.ndim), name
+        for shard in value.addressable_shards:
+            assert shard.data.shape == expected[name].shard_shape(value.shape), name
+    assert_exact({name: np.asarray(value) for name, value in restored.items()}, params_of(model))
+
+
+def test_a_sharded_model_is_written_from_its_shards(saved_in_blocks, tmp_path):
+    model, _ = saved_in_blocks
+    graphdef, state = nnx.split(model)
+    sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, make_mesh(dp=2, fsdp=4))))
+    assert not sharded.model.embed_tokens.weight[...].sharding.is_fully_replicated
+    assert_exact(params_of(load(save(sharded, tmp_path / "model", row_block_bytes=BLOCK_BYTES))), params_of(model))
+
+
+def test_a_version_2_checkpoint_still_loads(saved_in_blocks, tmp_path):
+    """Version 2 (before large_params/): every parameter in Orbax shards."""
+    model, _ = saved_in_blocks
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "v2" / PARAMS_DIR / "00000", params_of(model))
+    checkpointer.wait_until_finished()
+    metadata = {"format": "jaxflip-llama", "version": 2, "config": config_to_dict(model.config),
+                "lora": lora_settings(model)}
+    (tmp_path / "v2" / METADATA_FILE).write_text(json.dumps(metadata))
+    assert_exact(params_of(load(tmp_path / "v2")), params_of(model))
 
 
 def test_round_trip_is_exact(saved):
