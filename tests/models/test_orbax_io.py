@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax._src.array import ArrayImpl
 
 from jaxflip.bitflip import BitFlipLoRALinear, LoRAParam, add_lora
 from jaxflip.data import builtin_tokenizer_dir
@@ -86,12 +87,21 @@ def test_sharded_load_puts_each_device_slice_of_a_large_param_in_place(saved_in_
     assert_exact({name: np.asarray(value) for name, value in restored.items()}, params_of(model))
 
 
-def test_a_sharded_model_is_written_from_its_shards(saved_in_blocks, tmp_path):
+def test_a_sharded_model_is_written_from_its_shards(saved_in_blocks, tmp_path, monkeypatch):
+    """Each device's shard goes to disk from that device (as in a training run's export): no
+    array spread over several devices is ever copied to the host whole."""
     model, _ = saved_in_blocks
     graphdef, state = nnx.split(model)
     sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, make_mesh(dp=2, fsdp=4))))
     assert not sharded.model.embed_tokens.weight[...].sharding.is_fully_replicated
-    assert_exact(params_of(load(save(sharded, tmp_path / "model", row_block_bytes=BLOCK_BYTES))), params_of(model))
+    gathered = []
+    to_host = ArrayImpl.__array__
+    monkeypatch.setattr(ArrayImpl, "__array__", lambda self, *args, **kwargs: (
+        gathered.append(self.shape) if len(self.sharding.device_set) > 1 else None) or to_host(self, *args, **kwargs))
+    path = save(sharded, tmp_path / "model", row_block_bytes=BLOCK_BYTES)
+    assert gathered == []
+    monkeypatch.undo()
+    assert_exact(params_of(load(path)), params_of(model))
 
 
 def test_a_version_2_checkpoint_still_loads(saved_in_blocks, tmp_path):
