@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from jaxflip.models.named_params import check_floating, check_params, expected_p
 from jaxflip.models.safetensors_io import SafetensorsSource
 from jaxflip.models.sharding import state_shardings
 from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, Progress, RowBlockTensor, TensorSource,
-                                      TorchFileSource, load_torch_file, resolve_dtype, torch_to_numpy)
+                                      TorchFileSource, above_block, load_torch_file, resolve_dtype, torch_to_numpy)
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -197,8 +196,8 @@ class _StreamingStateDict(Mapping):
         self.row_block_bytes = row_block_bytes
 
     def __getitem__(self, name: str) -> np.ndarray | RowBlockTensor:
-        shape, dtype = self.source.shapes[name], self.source.dtypes[name]
-        if shape and math.prod(shape) * dtype.itemsize > self.row_block_bytes:
+        shape = self.source.shapes[name]
+        if shape and above_block(shape, self.source.dtypes[name], self.row_block_bytes):
             array = RowBlockTensor(self.source, name, self.row_block_bytes)
         else:
             array = self.source.read(name)

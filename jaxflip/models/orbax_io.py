@@ -16,9 +16,10 @@ tensor at a time (Orbax restores a single key of a shard). Orbax holds about thr
 what it writes, which at 70B width (a 2 GiB embedding) is too much for one tensor: large
 tensors bypass it, block by block, so the host holds one block of them (hf-to-orbax reads
 just those rows of the safetensors file), and ``load`` reads each device's slice of them
-alone. Version 2 checkpoints (no ``large_params/``) read as before. ``save`` and the converters write
-into a sibling temporary folder and rename it into place (``checkpoint_folder.write_aside``),
-so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
+alone. Version 2 checkpoints (no ``large_params/``) read as before.
+
+``save`` and the converters write into a sibling temporary folder and rename it into place
+(``checkpoint_folder.write_aside``), so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
 parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
 not part of the model: rules are applied after loading.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_flo
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
 from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, RowBlockTensor, TensorSource,
-                                      rows_per_block)
+                                      above_block, rows_per_block)
 
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
@@ -136,9 +136,6 @@ class CheckpointWriter:
         # LoRA factors keep the dtype they were trained in (float32 over a bfloat16 base)
         return np.dtype(dtype if name.rsplit(".", 1)[-1] in LORA_FACTORS else want.dtype)
 
-    def _is_large(self, shape: tuple[int, ...], dtype) -> bool:
-        return math.prod(shape) * np.dtype(dtype).itemsize > self.row_block_bytes
-
     def _write_large(self, name: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> None:
         """Write ``pieces`` (``(index, rows)`` pairs: where a part of the parameter goes, and
         the part, sliced a block of rows at a time) block by block."""
@@ -158,7 +155,7 @@ class CheckpointWriter:
         """``value``: a numpy or jax array (jax arrays may be sharded: each shard is written
         from its device, never gathered)."""
         dtype = self._checked_dtype(name, value.shape, value.dtype)
-        if self._is_large(value.shape, dtype):
+        if above_block(value.shape, dtype, self.row_block_bytes):
             if isinstance(value, jax.Array):  # one shard on the host at a time, as Orbax would
                 pieces = ((shard.index, np.asarray(shard.data))
                           for shard in value.addressable_shards if shard.replica_id == 0)
@@ -177,7 +174,7 @@ class CheckpointWriter:
         """``source``'s tensor ``name``; a large one read and written a block of rows at a time."""
         shape, source_dtype = source.shapes[name], source.dtypes[name]
         dtype = self._checked_dtype(name, shape, source_dtype)
-        if self._is_large(shape, dtype):
+        if above_block(shape, dtype, self.row_block_bytes):
             self._write_large(name, shape, dtype, [((), RowBlockTensor(source, name, self.row_block_bytes))])
         else:
             self.add(name, source.read(name))
@@ -192,6 +189,7 @@ class CheckpointWriter:
     def finish(self) -> None:
         if self.shard:
             self._write_shard()
+        (self.folder / PARAMS_DIR).mkdir(exist_ok=True)  # empty when every parameter is large
         missing = set(self.expected) - self.written
         if missing:
             raise ValueError(f"parameters never written: {short_list(missing)}")

@@ -47,6 +47,11 @@ class TensorSource:
         return self.read(name)[start:stop]
 
 
+def above_block(shape: tuple[int, ...], dtype, block_bytes: int) -> bool:
+    """Whether an array of ``shape`` and ``dtype`` is larger than one block of rows."""
+    return math.prod(shape) * np.dtype(dtype).itemsize > block_bytes
+
+
 def rows_per_block(shape: tuple[int, ...], dtype, block_bytes: int) -> int:
     """How many rows (along the first axis) of an array make a block of at most
     ``block_bytes`` (at least one row)."""
