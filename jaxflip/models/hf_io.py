@@ -32,7 +32,7 @@ from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.named_params import check_floating, check_params, expected_params
 from jaxflip.models.safetensors_io import SafetensorsSource
-from jaxflip.models.sharding import state_shardings
+from jaxflip.models.sharding import array_from_device_slices, state_shardings
 from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, Progress, RowBlockTensor, TensorSource,
                                       TorchFileSource, above_block, load_torch_file, resolve_dtype, torch_to_numpy)
 
@@ -177,7 +177,7 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
             value = np.zeros(variable.shape, variable.dtype)
         sharding = shardings[path].get_value() if path in shardings else None
         if isinstance(value, RowBlockTensor):
-            array = jax.make_array_from_callback(
+            array = array_from_device_slices(
                 value.shape, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                 lambda index, tensor=value, dtype=variable.dtype: tensor.read(index).astype(dtype))
         else:

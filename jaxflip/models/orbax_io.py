@@ -44,7 +44,7 @@ from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
-from jaxflip.models.sharding import state_shardings
+from jaxflip.models.sharding import array_from_device_slices, state_shardings
 from jaxflip.models.tensor_io import (DEFAULT_ROW_BLOCK_BYTES, ConversionError, RowBlockTensor, TensorSource,
                                       above_block, rows_per_block)
 
@@ -292,7 +292,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
         if is_large_param(location):
             # each device's slice read alone: the host holds one slice at a time
             stored_array = open_large_param(location)
-            restored[name] = jax.make_array_from_callback(
+            restored[name] = array_from_device_slices(
                 tuple(array.shape), sharding, lambda index, a=stored_array: a[index].read().result())
         else:
             by_shard.setdefault(location, {})[name] = jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding)

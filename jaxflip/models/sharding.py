@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -150,6 +151,16 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return variable.replace(logical_sharding(mesh, axes, variable.shape))
 
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def array_from_device_slices(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                             read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """An array of ``shape`` laid out by ``sharding``, each device's slice read by
+    ``read(index)`` and put on its device before the next is read: the host holds one slice
+    at a time (``jax.make_array_from_callback`` reads every slice before placing any)."""
+    slices = [jax.device_put(read(index), device)
+              for device, index in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, slices)
 
 
 def create_sharded(model_factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
