@@ -86,13 +86,16 @@ def lora_settings(model: LlamaForCausalLM) -> dict | None:
 
 def open_large_param(path: Path, *, create_like: jax.ShapeDtypeStruct | None = None, chunk_rows: int = 0):
     """The zarr v3 array of a large parameter; with ``create_like``, created (chunks of
-    ``chunk_rows`` whole rows, uncompressed: weights do not compress)."""
+    ``chunk_rows`` whole rows, zstd-compressed as Orbax compresses: weights' exponents shrink
+    by about a quarter)."""
     import tensorstore as ts
 
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
     if create_like is None:
         return ts.open(spec, open=True).result()
     shape = tuple(create_like.shape)
+    spec["metadata"] = {"codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                   {"name": "zstd", "configuration": {"level": 3}}]}
     return ts.open(spec, create=True, dtype=ts.dtype(np.dtype(create_like.dtype)), shape=shape,
                    chunk_layout=ts.ChunkLayout(chunk_shape=(chunk_rows, *shape[1:]))).result()
 
