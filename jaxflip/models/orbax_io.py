@@ -8,7 +8,7 @@ share; written and read here (``save``, ``load``, ``CheckpointWriter``, ``Checkp
                               ``max_shard_bytes`` each
     PATH/large_params/NAME/   (version 3) each parameter larger than ``row_block_bytes``: a
                               zarr v3 array (tensorstore), written in blocks of rows of about
-                              ``row_block_bytes``, chunked by those blocks
+                              ``row_block_bytes``, stored in chunks of whole rows
     PATH/tokenizer/           the tokenizer files, when the model came with them
 
 Shards let a converter write a 70B model while holding one shard in host memory, and read one
@@ -55,6 +55,7 @@ LARGE_PARAMS_DIR = "large_params"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: no large_params/
 DEFAULT_SHARD_BYTES = 512 << 20  # Orbax holds about 3 copies of a shard while writing it
+CHUNKS_PER_BLOCK = 8  # a block of rows is stored as this many chunks, compressed in parallel
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -141,17 +142,24 @@ class CheckpointWriter:
 
     def _write_large(self, name: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> None:
         """Write ``pieces`` (``(index, rows)`` pairs: where a part of the parameter goes, and
-        the part, sliced a block of rows at a time) block by block."""
+        the part, sliced a block of rows at a time) block by block, each block read while the
+        one before is compressed and written (two blocks in memory)."""
         chunk_rows = rows_per_block(shape, dtype, self.row_block_bytes)
-        array = open_large_param(self.folder / LARGE_PARAMS_DIR / name,
-                                 create_like=jax.ShapeDtypeStruct(shape, dtype), chunk_rows=chunk_rows)
+        array = open_large_param(self.folder / LARGE_PARAMS_DIR / name, create_like=jax.ShapeDtypeStruct(shape, dtype),
+                                 chunk_rows=max(1, chunk_rows // CHUNKS_PER_BLOCK))
+        in_flight = None
         for index, rows in pieces:
             index = tuple(index) + (slice(None),) * (len(shape) - len(index))
             first, last, _ = index[0].indices(shape[0])
             for start in range(first, last, chunk_rows):
                 stop = min(start + chunk_rows, last)
                 block = np.asarray(rows[start - first:stop - first]).astype(dtype, copy=False)
-                array[(slice(start, stop), *index[1:])].write(block).result()
+                writing = array[(slice(start, stop), *index[1:])].write(block)
+                if in_flight is not None:
+                    in_flight.result()
+                in_flight = writing
+        if in_flight is not None:
+            in_flight.result()
         self.written.add(name)
 
     def add(self, name: str, value) -> None:
