@@ -11,14 +11,14 @@ import sys
 
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.cli import exit_status
-from jaxflip.eval import generation, lm_eval_run, perplexity, profile
+from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile
 from jaxflip.eval.report import check_output_path, write_json
 from jaxflip.models.config import DTYPES
 
 COMMANDS = {
     "ppl": (perplexity, "cross-entropy and perplexity, clean and under bitflip"),
     "profile": (profile, "|x| and |W| percentiles of the Linear layers; zero-out thresholds"),
-    "generate": (generation, "continue a prompt, streaming the text"),
+    "generate": (generate_cli, "continue a prompt, streaming the text"),
     "lm-eval": (lm_eval_run, "lm-eval tasks through the JAX or the torch path"),
 }
 

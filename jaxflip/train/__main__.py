@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from jaxflip.data.sources import HubUnavailableError
-from jaxflip.train.config import ConfigError, load_config, to_dict
+from jaxflip.train.train_config import ConfigError, load_config, to_dict
 from jaxflip.train.metrics import MissingPackageError
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     from jaxflip.cli import os_error_code
     from jaxflip.data.sources import DataError
-    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.checkpoint_manager import CheckpointError
     from jaxflip.train.loop import NonFiniteError
 
     try:

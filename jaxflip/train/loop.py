@@ -22,8 +22,8 @@ from jaxflip.data.pipeline import BatchStream, StreamSpec
 from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
-from jaxflip.train.checkpointing import Checkpointer, remove_run_state
-from jaxflip.train.config import TrainConfig, resume_changes, to_dict
+from jaxflip.train.checkpoint_manager import Checkpointer, remove_run_state
+from jaxflip.train.train_config import TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)

@@ -16,7 +16,7 @@ from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
-from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
+from jaxflip.train.train_config import ConfigError, TrainConfig, bitflip_section, check_positions
 
 
 def initialize_distributed(config: TrainConfig) -> None:

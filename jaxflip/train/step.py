@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxflip.bitflip import BitflipSeed, LoRAParam
 from jaxflip.models.scan import stack_layers
 from jaxflip.models.sharding import OnMesh, logical_to_spec, state_shardings
-from jaxflip.train.config import TrainingConfig
+from jaxflip.train.train_config import TrainingConfig
 
 
 class TrainState(NamedTuple):

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxflip.bitflip import LoRAParam, named_linears
 from jaxflip.models import load
 from jaxflip.train import setup
-from jaxflip.train.checkpointing import Checkpointer
+from jaxflip.train.checkpoint_manager import Checkpointer
 from jaxflip.train.loop import run
 
 
@@ -145,7 +145,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
 
     from jaxflip.train import loop
     from jaxflip.train.__main__ import main
-    from jaxflip.train.checkpointing import Checkpointer
+    from jaxflip.train.checkpoint_manager import Checkpointer
 
     make_train_step = loop.make_train_step
 
@@ -178,7 +178,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
 def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(tiny_job, monkeypatch):
     from pathlib import Path
 
-    from jaxflip.train.config import ConfigError, to_dict
+    from jaxflip.train.train_config import ConfigError, to_dict
 
     first = tiny_job()
     output_dir = Path(first.job.output_dir)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxflip.bitflip import named_linears
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.train.__main__ import main
-from jaxflip.train.config import ConfigError, from_dict, load_config
+from jaxflip.train.train_config import ConfigError, from_dict, load_config
 
 # NewComputeBench's config_70b.toml, verbatim from the 70B FSDP2 LoRA tutorial
 REFERENCE_70B = """\
@@ -115,7 +115,7 @@ def test_unknown_section_is_rejected():
 
 
 def test_a_resume_refuses_changes_to_the_model_data_or_flips_and_reports_the_others(tiny_job):
-    from jaxflip.train.config import resume_changes, to_dict
+    from jaxflip.train.train_config import resume_changes, to_dict
 
     rng = np.random.default_rng()
     steps, vocab = int(rng.integers(7, 100)), int(rng.integers(4097, 9000))

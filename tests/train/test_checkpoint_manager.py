@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflip.train.checkpointing import DATA_STATE_FILE, Checkpointer
+from jaxflip.train.checkpoint_manager import DATA_STATE_FILE, Checkpointer
 
 POSITION = {"epoch": 1, "dataset": {"examples_iterable": {"shard_idx": 0, "shard_example_idx": 7}}, "carry": [5, 9]}
 
@@ -128,7 +128,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_is_one_line(tmp_path):
     import pytest
 
-    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.checkpoint_manager import CheckpointError
 
     state = random_state(np.random.default_rng())
     checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
