@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.bitflip.rules_file import read_bitflip_config
 from jaxflip.cli import exit_status
 from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile
 from jaxflip.eval.report import check_output_path, write_json
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # every argument is checked before the model is opened
         module.check_arguments(args)
-        if args.bitflip_config is not None:
-            load_bitflip_config(args.bitflip_config)  # its rules' settings; their layers once the model is open
+        # the settings, read and checked once here (their layers once the model is open)
+        args.bitflip = read_bitflip_config(args.bitflip_config) if args.bitflip_config is not None else None
         if args.output is not None:
             check_output_path(args.output)
         payload = module.run(args)

@@ -13,8 +13,8 @@ from functools import partial
 import jax
 import torch
 
+from jaxflip.bitflip import check_seed
 from jaxflip.kernels_pallas import random_bitflip as jax_random_bitflip
-from jaxflip.kernels_pallas.limits import check_seed
 from jaxflip.kernels_pallas.random_bitflip import advance_seed
 
 

@@ -3,9 +3,11 @@
 Section and field names follow NewComputeBench's 70B LoRA config (``[model] flavor,
 hf_model_path``; ``[training] ...``; ``[parallelism] fsdp_degree``; ``[lora] r, lora_alpha``;
 ``[bitflip] ...``), so that file loads unchanged; ``[job]``, ``[data]``, ``[validation]``,
-``[checkpoint]`` and ``[metrics]`` are jaxflip's. Any field can be overridden on the command line as
-``--section.field VALUE`` (or ``--field VALUE`` when the name is unique, as the reference's
-``--steps``). Every error names the field: ``training.lr: expected a number > 0, got -1``.
+``[checkpoint]`` and ``[metrics]`` are jaxflip's. ``[bitflip]`` is ``jaxflip.bitflip.BitflipConfig``
+(the settings evaluation and the torch bridge read too), which checks its own fields. Any field
+can be overridden on the command line as ``--section.field VALUE`` (or ``--field VALUE`` when the
+name is unique, as the reference's ``--steps``). Every error names the field:
+``training.lr: expected a number > 0, got -1``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxflip.bitflip import LM_HEAD
-from jaxflip.bitflip.rules_file import parse_none
-from jaxflip.kernels_pallas.limits import flip_halves
+from jaxflip.bitflip.config import BitflipConfig, parse_none
+from jaxflip.data.sources import check_source
+from jaxflip.models import get_flavor
+from jaxflip.models.flavors import FLAVORS
+from jaxflip.models.llama import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 FLAVOR_ALIASES = {"8B": "llama3-8B", "70B": "llama3-70B", "3.1-8B": "llama3.1-8B"}
@@ -35,7 +39,7 @@ class ConfigError(ValueError):
 class JobConfig:
     output_dir: str = "runs/default"  # metrics.jsonl, checkpoints, tensorboard, final model
     description: str = ""
-    seed: int = 0  # data order
+    seed: int = 0  # the random init of the model (a flavor's) and of LoRA's adapters, and the data order
     start_over: bool = False  # ignore checkpoints already in output_dir
     resume_anyway: bool = False  # resume even when model, data or flip fields differ from the checkpoint's run
 
@@ -85,20 +89,6 @@ class ParallelismConfig:
 class LoraConfig:
     r: int = 0  # 0 (or no [lora] section): full training
     lora_alpha: float = 16.0
-
-
-@dataclass
-class BitflipConfig:
-    enable: bool = True
-    w_p_exp: float | None = None
-    w_p_frac: float | None = None
-    w_zero_out_t: float | None = None
-    x_p_exp: float | None = None
-    x_p_frac: float | None = None
-    x_zero_out_t: float | None = None
-    base_seed: int | None = None  # set: independent per-layer seeds; None: mase-triton's (all 0)
-    skip_patterns: list[str] = field(default_factory=lambda: [LM_HEAD])
-    rules: dict | None = None  # NewComputeBench regex rules; replaces the fields above when given
 
 
 @dataclass
@@ -231,8 +221,11 @@ def from_dict(raw: dict) -> TrainConfig:
         for key in values:
             if key not in fields:
                 raise ConfigError(f"{name}.{key}: unknown field (known: {', '.join(fields)})")
-        built[name] = section_type(**{key: _convert(value, fields[key], f"{name}.{key}")
-                                      for key, value in values.items()})
+        converted = {key: _convert(value, fields[key], f"{name}.{key}") for key, value in values.items()}
+        try:
+            built[name] = section_type(**converted)
+        except ValueError as error:  # a section that checks itself (BitflipConfig): the message names the field
+            raise ConfigError(str(error)) from None
     config = TrainConfig(**built)
     if "lora" in raw and "r" not in (raw["lora"] or {}):
         raise ConfigError("lora.r: required when a [lora] section is given")
@@ -241,15 +234,13 @@ def from_dict(raw: dict) -> TrainConfig:
 
 
 def validate(config: TrainConfig) -> None:
-    from jaxflip.models.flavors import FLAVORS
-    from jaxflip.models.llama import REMAT_POLICIES
+    """The fields of every section but ``[bitflip]`` (``BitflipConfig`` checks itself)."""
 
     def check(ok: bool, where: str, expected: str, value) -> None:
         if not ok:
             raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
-    m, t, p, lo, b, d, c = (config.model, config.training, config.parallelism, config.lora, config.bitflip,
-                            config.data, config.checkpoint)
+    m, t, p, lo, d, c = config.model, config.training, config.parallelism, config.lora, config.data, config.checkpoint
     check(config.flavor in FLAVORS, "model.flavor", f"one of {', '.join(list(FLAVORS) + list(FLAVOR_ALIASES))}",
           m.flavor)
     check(not (m.hf_model_path and m.checkpoint), "model.checkpoint", "empty when model.hf_model_path is set",
@@ -280,27 +271,13 @@ def validate(config: TrainConfig) -> None:
           f"-1 or an integer in [0, {p.num_processes})" if p.num_processes else "-1 or an integer >= 0", p.process_id)
     check(lo.r >= 0, "lora.r", "an integer >= 0", lo.r)
     check(0 < lo.lora_alpha < math.inf, "lora.lora_alpha", "a finite number > 0", lo.lora_alpha)
-    for name in ("w_p_exp", "w_p_frac", "x_p_exp", "x_p_frac"):
-        try:
-            flip_halves(f"bitflip.{name}", getattr(b, name))
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    for name in ("w_zero_out_t", "x_zero_out_t"):
-        value = getattr(b, name)
-        check(value is None or value >= 0, f"bitflip.{name}", "a number >= 0 or none", value)
-    check(b.base_seed is None or 0 <= b.base_seed, "bitflip.base_seed", "an integer >= 0 or none", b.base_seed)
-    check_bitflip_rules(config)
     if not (m.hf_model_path or m.checkpoint):  # a model from weights: checked once they are read
-        from jaxflip.models import get_flavor
-
         check_positions(t.seq_len, get_flavor(config.flavor).max_position_embeddings, f"flavor {config.flavor}")
     check(c.keep > 0, "checkpoint.keep", "an integer > 0", c.keep)
     check(config.validation.eval_interval >= 0, "validation.eval_interval", "an integer >= 0 (0: off)",
           config.validation.eval_interval)
     check(config.validation.eval_steps > 0, "validation.eval_steps", "an integer > 0", config.validation.eval_steps)
     check(d.prefetch >= 1, "data.prefetch", "an integer >= 1", d.prefetch)
-    from jaxflip.data.sources import check_source
-
     try:
         check_source(d.dataset)
     except ValueError as error:
@@ -313,27 +290,6 @@ def check_positions(seq_len: int, positions: int, model: str) -> None:
     if seq_len > positions:
         raise ConfigError(f"training.seq_len: {seq_len} is beyond the {positions} positions of the model "
                           f"({model}); use seq_len <= {positions}")
-
-
-def bitflip_section(config: TrainConfig) -> dict:
-    """``[bitflip]`` as ``jaxflip.bitflip.rules_file`` reads it: the set fields, less ``enable``."""
-    section = dataclasses.asdict(config.bitflip)
-    section.pop("enable")
-    return {key: value for key, value in section.items() if value is not None}
-
-
-def check_bitflip_rules(config: TrainConfig) -> None:
-    """The settings of every bitflip rule (probabilities, thresholds, seeds, regexes), checked
-    without the model; whether each pattern names a layer is checked when the model is built."""
-    if not config.bitflip.enable:
-        return
-    from jaxflip.bitflip.rules import parse_rules
-    from jaxflip.bitflip.rules_file import bitflip_section_to_rules
-
-    try:
-        parse_rules(bitflip_section_to_rules(bitflip_section(config))[0])
-    except ValueError as error:
-        raise ConfigError(f"bitflip{'.rules' if config.bitflip.rules is not None else ''}: {error}") from None
 
 
 def read_file(path: str | Path) -> dict:
