@@ -85,6 +85,7 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     (["--training.stepz", "3"], "training.stepz: unknown field"),
     (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp must be a probability in (0, 1)"),
+    (["--bitflip.seed_mode", "random"], "bitflip.seed_mode must be one of ('reference', 'independent')"),
     (["--training.lr", "fast"], "training.lr: expected a number"),
     (["--parallelism.fsdp_degree", "3"], "parallelism.fsdp_degree: 3 x data_parallel_replicate_degree 1 = 3 devices"),
     (["--parallelism.num_processes", "2"], "parallelism.coordinator_address: expected host:port of process 0"),
@@ -107,6 +108,20 @@ def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith(f"error: {message}") and "\n" not in err
+
+
+def test_the_old_module_is_a_deprecated_alias_of_the_config_and_the_bitflip_settings():
+    import importlib
+    import sys
+
+    from jaxflip.bitflip import BitflipConfig
+    from jaxflip.train import train_config
+
+    sys.modules.pop("jaxflip.train.config", None)
+    with pytest.warns(DeprecationWarning, match="jaxflip.train.config is deprecated"):
+        old = importlib.import_module("jaxflip.train.config")
+    assert old.BitflipConfig is BitflipConfig and old.TrainConfig is train_config.TrainConfig
+    assert old.load_config is train_config.load_config
 
 
 def test_unknown_section_is_rejected():
