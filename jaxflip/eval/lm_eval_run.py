@@ -64,7 +64,8 @@ def check_arguments(args) -> None:
 
 def language_model(args, model, tokenizer, bitflip):
     """The lm-eval ``LM`` of the chosen backend, flipping as ``bitflip`` (already applied to the
-    Flax model) says."""
+    Flax model) says. Imported here: lm-eval and torch are optional (the ``eval`` extra), and
+    the other commands run without them."""
     if args.backend == "jax":
         from jaxflip.eval.lm_eval_jax import JaxLM
 

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from jaxflip.bitflip import BitflipConfig, RuleTable, apply_rule_table, named_linears
+from jaxflip.data import load_tokenizer
 from jaxflip.models import LlamaForCausalLM
 
 
@@ -27,8 +28,6 @@ def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True)
 
 def open_tokenizer(tokenizer: str | None, checkpoint_tokenizer_dir: str | None, checkpoint: str):
     """``--tokenizer`` if given (a path, a hub name or ``builtin``), else the checkpoint's own."""
-    from jaxflip.data import load_tokenizer
-
     source = tokenizer or checkpoint_tokenizer_dir
     if source is None:
         raise ValueError(f"{checkpoint} has no tokenizer; pass --tokenizer (a path, a hub name or 'builtin')")

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from jaxflip.data.pipeline import BatchStream, StreamSpec
+from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
+from jaxflip.models import get_flavor, save
 from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
@@ -32,8 +34,6 @@ from jaxflip.train.validation import Validator, due, format_validation
 
 def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dict:
     """What the config implies: parameters, tokens per step, steps for the token budget."""
-    from jaxflip.models import get_flavor
-
     t = config.training
     devices = device_count or jax.device_count()
     changes = {"vocab_size": config.model.vocab_size} if config.model.vocab_size else {}
@@ -270,9 +270,6 @@ def export_model(graphdef, state, output_dir: Path, model_tokenizer_dir, config:
     """The trained model as a ``jaxflip.models`` checkpoint at ``output_dir/model``, in the
     public layout (scanned layers unstacked). Export is the run's last use of the train state:
     each stacked array is freed once unstacked, so memory stays near one copy of the weights."""
-    from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
-    from jaxflip.models import save
-
     model = merge_model(graphdef, state.trainable, state.frozen, state.seeds)
     unstack_layers(model, delete_stacked=True)
     source = setup.tokenizer_source(config, model_tokenizer_dir)

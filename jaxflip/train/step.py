@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxflip.bitflip import BitflipSeed, LoRAParam
+from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import stack_layers
 from jaxflip.models.sharding import OnMesh, logical_to_spec, state_shardings
 from jaxflip.train.train_config import TrainingConfig
@@ -182,8 +183,6 @@ def flops_per_token(model_config, seq_len: int, lora: bool) -> float:
     """Matmul FLOPs per trained token (PaLM's estimate): 6 N for the weights (forward 2 N,
     backward 4 N; with LoRA the frozen weights get no gradient: 4 N) plus attention's
     12 L d T. N counts every Linear weight (LM head included, embedding lookup excluded)."""
-    from jaxflip.models.flavors import param_count
-
     n = param_count(model_config, exclude_embedding=True)
     if model_config.tie_word_embeddings:
         n += model_config.vocab_size * model_config.hidden_size
