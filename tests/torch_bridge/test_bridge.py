@@ -35,16 +35,35 @@ def seeds(layer) -> tuple[int, ...]:
     (W_ZERO_OUT_ONLY, torch.float32),
 ], ids=["both-flipped", "both-flipped-bf16", "x-only-no-zero-out", "w-zero-out-only"])
 def test_layer_matches_mase_over_three_calls(settings, dtype):
+    assert_layer_matches_mase(settings, dtype, "cpu")
+
+
+# the flips of every launch: few Philox calls (256/8) and many (32/1 with early exit, halves >= 13)
+GPU_SETTINGS = [BOTH_FLIPPED, dict(BOTH_FLIPPED, x_p_exp=0.5**16, x_p_frac=0.5**24, w_p_exp=0.5**13, w_p_frac=0.5**20)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", GPU_SETTINGS, ids=["few-philox-calls", "early-exit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_layer_on_cuda_is_bit_equal_to_mase(settings, dtype):
+    """On a GPU: the bridge runs the compiled Pallas kernel on the CUDA tensors' memory, mase-triton
+    its CUDA kernel; forward, dx and dW equal bit for bit."""
+    assert_layer_matches_mase(settings, dtype, "cuda")
+
+
+def assert_layer_matches_mase(settings: dict, dtype: torch.dtype, device: str) -> None:
+    """Our layer and mase-triton's, holding the same random weights, over three calls on fresh
+    random inputs: the same output, dx, dW and db bit for bit, and the same seeds."""
     rng = np.random.default_rng()
-    linear = torch.nn.Linear(IN, OUT, bias=True, dtype=dtype)
+    linear = torch.nn.Linear(IN, OUT, bias=True, dtype=dtype, device=device)
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(rng.standard_normal((OUT, IN)).astype(np.float32) * 0.2))
         linear.bias.copy_(torch.from_numpy(rng.standard_normal(OUT).astype(np.float32)))
     mase = MaseLinear.from_linear(linear, **settings)
     ours = RandomBitFlipLinear.from_linear(linear, **settings)
     for call in range(3):
-        x = torch.from_numpy(rng.standard_normal((4, 8, IN)).astype(np.float32)).to(dtype)
-        grad_y = torch.from_numpy(rng.standard_normal((4, 8, OUT)).astype(np.float32)).to(dtype)
+        x = torch.from_numpy(rng.standard_normal((4, 8, IN)).astype(np.float32)).to(device, dtype)
+        grad_y = torch.from_numpy(rng.standard_normal((4, 8, OUT)).astype(np.float32)).to(device, dtype)
         outputs, grads = [], []
         for layer in (mase, ours):
             layer.zero_grad()
