@@ -86,8 +86,8 @@ class BitflipConfig:
             if not isinstance(substring, str) or not substring:
                 raise ValueError(f"{SECTION}.skip_patterns entries must be non-empty strings, got {substring!r}")
         if self.rules is None:
-            rule_set = RuleSet({**{_skip_regex(s): None for s in self.skip_patterns}, DEFAULT: (x_flip, w_flip, NO_SEEDS)},
-                               {_skip_regex(s): re.compile(_skip_regex(s)) for s in self.skip_patterns})
+            skips = {_skip_regex(s): re.compile(_skip_regex(s)) for s in self.skip_patterns}
+            rule_set = RuleSet({**dict.fromkeys(skips), DEFAULT: (x_flip, w_flip, NO_SEEDS)}, skips)
         else:
             try:
                 rule_set = parse_rules(_rules_without_none_strings(self.rules))
