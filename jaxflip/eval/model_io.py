@@ -7,9 +7,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import jax
+
 from jaxflip.bitflip import BitflipConfig, RuleTable, apply_rule_table, named_linears
 from jaxflip.data import load_tokenizer
-from jaxflip.models import LlamaForCausalLM
+from jaxflip.models import LlamaForCausalLM, open_checkpoint
+from jaxflip.models.sharding import make_mesh
 
 
 def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True) -> tuple[LlamaForCausalLM, str | None]:
@@ -17,11 +20,6 @@ def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True)
     on several devices (and ``shard``) its weights are FSDP-sharded over all of them (forwards then run
     under ``on_model_mesh``: batch rows split over the devices when they divide, each
     device flipping its own shards)."""
-    import jax
-
-    from jaxflip.convert import open_checkpoint
-    from jaxflip.models.sharding import make_mesh
-
     mesh = make_mesh() if shard and jax.device_count() > 1 else None
     return open_checkpoint(checkpoint, mesh=mesh, param_dtype=dtype)
 
