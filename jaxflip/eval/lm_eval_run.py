@@ -85,7 +85,7 @@ def run(args) -> dict:
     import lm_eval
     from lm_eval.utils import make_table
 
-    if args.backend == "torch":  # before JAX loads the checkpoint and starts its GPU backend
+    if args.backend == "torch":  # before JAX loads the checkpoint and starts its GPU backend (torch: optional)
         from jaxflip.torch_bridge import leave_gpu_to_torch
 
         leave_gpu_to_torch()
