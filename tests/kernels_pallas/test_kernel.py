@@ -1,8 +1,14 @@
-"""The kernel's launch settings: defaults, the environment's overrides and their errors."""
+"""The kernel's launch settings: defaults, the environment's overrides and their errors; on a
+GPU, the compiled kernel at each launch against mase-triton's CUDA kernel."""
 
+import jax.numpy as jnp
+import mase_reference as mase
+import numpy as np
 import pytest
 
+from jaxflip.bitflip import SEED_LIMIT
 from jaxflip.kernels_pallas import kernel
+from jaxflip.kernels_pallas.philox import FRAC_MASK, SIGN_EXP_MASK
 
 
 @pytest.fixture
@@ -60,13 +66,6 @@ def test_compiled_kernel_is_bit_exact_to_mase_tritons_cuda_kernel(launch, dtype,
     """On a GPU: the Pallas kernel compiled through Triton (not interpreted), at each launch,
     against mase-triton's CUDA kernel on random data with NaN, inf and large values: every
     output bit, and the keep mask is where the zero-out kept the element."""
-    import jax.numpy as jnp
-    import mase_reference as mase
-    import numpy as np
-
-    from jaxflip.bitflip import SEED_LIMIT
-    from jaxflip.kernels_pallas.philox import FRAC_MASK, SIGN_EXP_MASK
-
     rng = np.random.default_rng()
     values = rng.standard_normal(shape).astype(np.float32) * 3
     specials = rng.choice(values.size, min(40, values.size // 4), replace=False)
