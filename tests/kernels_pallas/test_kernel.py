@@ -6,8 +6,8 @@ import mase_reference as mase
 import numpy as np
 import pytest
 
-from jaxflip.bitflip import SEED_LIMIT
 from jaxflip.kernels_pallas import kernel
+from jaxflip.kernels_pallas.limits import SEED_LIMIT
 from jaxflip.kernels_pallas.philox import FRAC_MASK, SIGN_EXP_MASK
 
 
