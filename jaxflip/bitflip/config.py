@@ -97,14 +97,18 @@ class BitflipConfig:
 
     @classmethod
     def from_mapping(cls, section: Mapping) -> BitflipConfig:
-        """From a ``[bitflip]`` table as a TOML or YAML file holds it (``"none"`` strings are None)."""
+        """From a ``[bitflip]`` table as a TOML or YAML file holds it (``"none"`` strings are None;
+        ``skip_patterns = "none"`` skips no layer)."""
         if not isinstance(section, Mapping):
             raise ValueError(f"[{SECTION}] must be a table, got {section!r}")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(section) - set(known), key=str)
         if unknown:
             raise ValueError(f"[{SECTION}] has unknown field(s) {unknown}; known: {', '.join(known)}")
-        return cls(**{key: parse_none(value) for key, value in section.items()})
+        values = {key: parse_none(value) for key, value in section.items()}
+        if "skip_patterns" in values and values["skip_patterns"] is None:  # TOML's way to say "skip nothing"
+            values["skip_patterns"] = []
+        return cls(**values)
 
     @property
     def resolved_seed_mode(self) -> str:

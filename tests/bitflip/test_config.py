@@ -42,6 +42,15 @@ def test_a_skip_substring_that_names_no_layer_is_dropped_with_a_warning():
     assert [row.layer for row in table if row.flipped] == LAYERS[1:3]
 
 
+@pytest.mark.parametrize("written", ["none", "null", []])
+def test_skip_patterns_none_in_a_file_skips_no_layer(written):
+    """TOML has no null: ``skip_patterns = "none"`` is how a file skips nothing (the default rule
+    still leaves the LM head alone, as NewComputeBench's does)."""
+    settings = random_settings(np.random.default_rng())
+    config = BitflipConfig.from_mapping({**settings, "skip_patterns": written})
+    assert [row.layer for row in config.match(LAYERS) if row.flipped] == LAYERS[:3]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("x_p_exp", 1.5, r"bitflip.x_p_exp must be a probability in \(0, 1\) or None, got 1.5"),
     ("w_p_frac", 0.5**25, r"bitflip.w_p_frac=.* is below the smallest supported flip probability 0.5\*\*24"),
