@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxflip.cli import os_error_code
+from jaxflip.cli import os_error_code, quiet_reported_os_faults
 from jaxflip.train.step import TrainState
 
 DATA_STATE_FILE = "stream.json"
@@ -58,6 +58,7 @@ class Checkpointer:
         self.keep = keep
         self._barriers = itertools.count()
         self._in_flight = None  # the step of a save that may still be running
+        quiet_reported_os_faults()  # a save's OS fault is one OSError (_failing_save), not Orbax's tracebacks
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
         # the handler named: a fresh manager then reads a checkpoint's tree metadata (restore)
         self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,62 @@ def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(t
     monkeypatch.setattr(setup, "build_model", lambda *args: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match="model.vocab_size 4096 -> 8192: differ"):
         run(tiny_job(model={"vocab_size": 8192}))
+
+
+def saved_arrays(output_dir, step) -> dict:
+    """Checkpoint ``step`` of a run as saved: ``{".trainable[...]": array, ".seeds[...]": ...}``."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(output_dir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler())
+    arrays = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    return {key: np.asarray(value) for key, value in arrays.items()}
+
+
+def part(arrays: dict, name: str) -> list:
+    return [value for key, value in sorted(arrays.items()) if key.startswith(f".{name}")]
+
+
+def test_non_finite_steps_are_skipped_without_an_update_up_to_the_limit_then_the_run_stops(tiny_job, monkeypatch,
+                                                                                           capsys):
+    """A token outside the vocabulary (its embedding lookup is NaN) in a micro-batch of steps 3
+    and 5; training.skip_nonfinite 1: step 3 changes nothing but the seeds, step 4 trains,
+    step 5 stops the run as a non-finite step does without the option."""
+    from jaxflip.train import loop
+    from jaxflip.train.loop import NonFiniteError
+
+    config = tiny_job(training={"skip_nonfinite": 1, "save_freq": 1}, checkpoint={"keep": 6})
+    accumulation = config.training.gradient_accumulation_steps
+    vocab_size = config.model.vocab_size
+    rng = np.random.default_rng()
+    poisoned = {(step - 1) * accumulation + int(rng.integers(accumulation)) for step in (3, 5)}  # calls of next()
+
+    class PoisonedStream(loop.BatchStream):
+        calls = 0
+
+        def __next__(self):
+            rows = super().__next__()
+            if PoisonedStream.calls in poisoned:
+                rows = rows.copy()
+                rows[0, int(rng.integers(rows.shape[1] - 1))] = vocab_size
+            PoisonedStream.calls += 1
+            return rows
+
+    monkeypatch.setattr(loop, "BatchStream", PoisonedStream)
+    with pytest.raises(NonFiniteError, match=r"^step 5: loss nan.* after 1 skipped .*\(step 4\)"):
+        run(config)
+    output_dir = Path(config.job.output_dir)
+    assert "step 3: loss nan" in capsys.readouterr().out
+    assert [r["step"] for r in records(output_dir) if "skipped" in r] == [3]
+    assert [r["step"] for r in records(output_dir) if "loss" in r] == [1, 2, 4]
+    before, skipped, after = (saved_arrays(output_dir, step) for step in (2, 3, 4))
+    for name in ("trainable", "opt_state", "step"):
+        for kept, unchanged in zip(part(before, name), part(skipped, name), strict=True):
+            np.testing.assert_array_equal(unchanged, kept)
+    # the seeds advance as in a trained step: the next step draws new flips
+    advanced, advanced_next = (np.subtract(part(new, "seeds"), part(old, "seeds"))
+                               for old, new in ((before, skipped), (skipped, after)))
+    np.testing.assert_array_equal(advanced, advanced_next)
+    assert advanced.any()
+    assert not all(np.array_equal(new, old) for new, old in zip(part(after, "trainable"), part(skipped, "trainable")))
+    assert int(part(after, "step")[0]) == 3  # optimizer steps: step 3 applied none
