@@ -30,7 +30,8 @@ def exit_status(error: BaseException) -> int:
 
 class _ReportedOSFaults(logging.Filter):
     """Drops the records whose exception is an OS fault (Orbax logs one from each thread of a
-    save that failed): the one line of the error raised for it says the same."""
+    save that failed, asyncio one for each of its tasks that nobody awaited any more): the one
+    line of the error raised for it says the same."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -55,8 +56,8 @@ def quiet_reported_os_faults() -> None:
     """Leave an OS fault of an Orbax save (disk full, no permission) to the one line of the
     error that reports it: without this, ~20 tracebacks of Orbax's threads and tensorstore's
     callbacks come first. Idempotent; other log records and unraisable exceptions pass."""
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _ReportedOSFaults) for f in absl.filters):
-        absl.addFilter(_ReportedOSFaults())
+    for logger in map(logging.getLogger, ("absl", "asyncio")):
+        if not any(isinstance(f, _ReportedOSFaults) for f in logger.filters):
+            logger.addFilter(_ReportedOSFaults())
     if not isinstance(sys.unraisablehook, _ClosedLoopReports):
         sys.unraisablehook = _ClosedLoopReports(sys.unraisablehook)

@@ -91,9 +91,20 @@ class Checkpointer:
             code = os_error_code(error)
             if code is None or step is None:
                 raise
+            self._settle()
             self._discard(step)
             raise OSError(code, f"{os.strerror(code)}: checkpoint step {step} could not be saved in "
                                 f"{self.directory.parent} (what it wrote is removed)") from None
+
+    def _settle(self) -> None:
+        """Wait for every thread of a failed save, so that none writes after ``_discard`` or
+        into a closing interpreter: Orbax's finalizing thread can fail (its metadata file) while
+        its checkpointer's threads still write the arrays, which the manager's wait leaves be."""
+        writers = getattr(self.manager, "_checkpointer", None)  # Orbax's AsyncCheckpointer; no public handle
+        for wait in (self.manager.wait_until_finished, getattr(writers, "wait_until_finished", None)):
+            if wait is not None:
+                with contextlib.suppress(Exception):  # the save's fault again, or another of its threads'
+                    wait()
 
     def _discard(self, step: int) -> None:
         if jax.process_index() == 0:
