@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -247,3 +248,68 @@ def test_non_finite_steps_are_skipped_without_an_update_up_to_the_limit_then_the
     assert advanced.any()
     assert not all(np.array_equal(new, old) for new, old in zip(part(after, "trainable"), part(skipped, "trainable")))
     assert int(part(after, "step")[0]) == 3  # optimizer steps: step 3 applied none
+
+
+def train_in_a_process(config, cache_dir, *fault) -> subprocess.CompletedProcess:
+    """The train CLI on ``config`` in a process of its own; ``fault``: ``(point, step, kill or
+    a filler path)`` strikes during that save (``save_faults.py``). The processes share an XLA
+    cache: only the first compiles."""
+    import jaxflip
+    from jaxflip.train.config import to_dict
+
+    path = Path(config.job.output_dir).parent / f"{Path(config.job.output_dir).name}.yaml"
+    path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    command = ([str(Path(__file__).parent / "save_faults.py"), *map(str, fault), "train"] if fault
+               else ["-m", "jaxflip.train"])
+    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]), "JAXFLIP_COMPILATION_CACHE": str(cache_dir)}
+    return subprocess.run([sys.executable, *command, "--config", str(path)], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def exported_weights(output_dir) -> list:
+    return [np.asarray(w) for w in jax.tree.leaves(nnx.state(load(output_dir / "model"), nnx.Param))]
+
+
+@pytest.mark.slow  # eleven training runs in processes of their own: minutes on 2 CPU cores
+def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_losses_and_weights_of_an_unbroken_run(tiny_job, tmp_path):
+    from save_faults import POINTS
+
+    def job(name):
+        return tiny_job(job={"output_dir": str(tmp_path / name)}, checkpoint={"async_save": True, "keep": 1},
+                        training={"steps": 6, "save_freq": 2})
+
+    assert train_in_a_process(job("unbroken"), tmp_path / "xla").returncode == 0
+    for point in POINTS:
+        killed = train_in_a_process(job(point), tmp_path / "xla", point, 4, "kill")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = train_in_a_process(job(point), tmp_path / "xla")
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed from step {4 if point == 'finished' else 2}" in resumed.stdout
+        assert losses(tmp_path / point) == losses(tmp_path / "unbroken"), point
+        for weight, unbroken in zip(exported_weights(tmp_path / point), exported_weights(tmp_path / "unbroken"),
+                                    strict=True):
+            np.testing.assert_array_equal(weight, unbroken)
+
+
+@pytest.mark.slow  # three training runs in processes of their own
+def test_a_disk_that_fills_during_a_training_save_is_one_line_exit_1_and_the_run_resumes(tiny_job, tmpfs, tmp_path):
+    """The disk fills once the data position of step 4 is written (Orbax's threads meet ENOSPC):
+    one line naming the output folder, exit status 1, checkpoint 2 complete; with the disk
+    freed, the same command resumes from it to the unbroken run's losses."""
+    disk = tmpfs(2**26)
+
+    def job(output_dir):
+        return tiny_job(job={"output_dir": str(output_dir)}, checkpoint={"async_save": True, "keep": 1},
+                        training={"steps": 4, "save_freq": 2})
+
+    assert train_in_a_process(job(tmp_path / "unbroken"), tmp_path / "xla").returncode == 0
+    failed = train_in_a_process(job(disk / "run"), tmp_path / "xla", "position", 4, disk / "filler")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [failed.stderr.strip()]
+    assert failed.stderr.startswith("error: [Errno 28] No space left on device: checkpoint step 4 could not be saved")
+    assert str(disk / "run") in failed.stderr
+    assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["2"]
+    (disk / "filler").unlink()
+    resumed = train_in_a_process(job(disk / "run"), tmp_path / "xla")
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stdout
+    assert losses(disk / "run") == losses(tmp_path / "unbroken")
