@@ -4,7 +4,9 @@ Everything a run writes goes under ``[job] output_dir``: ``config.json`` (resolv
 ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` + ``data_state/``, ``loss.png`` and, at
 the end, ``model/`` (a ``jaxflip.models`` checkpoint that eval and the converters read).
 Running the same command again resumes from the latest checkpoint; ``--job.start_over true``
-discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly.
+discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly. A
+non-finite loss or gradient stops the run before it is saved (``NonFiniteError``), or, up to
+``training.skip_nonfinite`` times in a run, skips the step (no update; ``make_train_step``).
 """
 
 from __future__ import annotations
