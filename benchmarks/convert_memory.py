@@ -23,10 +23,10 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxflip.convert.common import format_bytes
-from jaxflip.convert.hf import hf_config_dict
 from jaxflip.models import get_flavor
-from jaxflip.models.checkpoint import expected_params
+from jaxflip.models.hf_io import hf_config_dict
+from jaxflip.models.named_params import expected_params
+from jaxflip.models.tensor_io import format_bytes
 
 SHARD_BYTES = 2 * 10**9
 
@@ -84,7 +84,7 @@ def main() -> None:
     run(*convert, "orbax-to-titan", str(orbax), str(titan), "--overwrite")
     run(*convert, "titan-to-orbax", str(titan), str(orbax_back), "--overwrite")
     report = "print(f'{what}: peak host memory', format_bytes(peak_host_memory_bytes()))"
-    setup = "import torch, jaxflip.models, jaxflip.convert.titan; from jaxflip.convert.common import *; "
+    setup = "import torch, jaxflip.models, jaxflip.convert.titan_orbax; from jaxflip.models.tensor_io import *; "
     run("-c", setup + "what = 'imports alone'; " + report)
     run("-c", setup + f"jaxflip.models.load({str(orbax)!r}); what = 'jaxflip.models.load'; " + report)
 

@@ -4,7 +4,9 @@ import numpy as np
 import torch
 import transformers
 
+from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import config_from_hf, llama_from_hf_state_dict
+from jaxflip.models.checkpoint_folder import copy_tokenizer_files
 
 
 def tiny_hf_config(*, tie: bool = False, bias: bool = False) -> transformers.LlamaConfig:
@@ -35,6 +37,14 @@ def randomize_parameters(model: torch.nn.Module, rng: np.random.Generator) -> to
 
 def random_hf_model(config: transformers.LlamaConfig, rng: np.random.Generator) -> transformers.LlamaForCausalLM:
     return randomize_parameters(transformers.LlamaForCausalLM(config), rng)
+
+
+def save_hf_folder(model, folder, *, max_shard_size=None):
+    """``save_pretrained`` (sharded when ``max_shard_size`` is given) plus the repository's
+    offline tokenizer."""
+    model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    copy_tokenizer_files(builtin_tokenizer_dir(), folder)
+    return folder
 
 
 def random_tokens(rng: np.random.Generator, config, shape) -> np.ndarray:

@@ -9,12 +9,24 @@ of the environment: disk full, no permission); DST is then left as it was.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from jaxflip.cli import exit_status, quiet_reported_os_faults
-from jaxflip.convert.common import DTYPE_CHOICES, parse_size
-from jaxflip.models.checkpoint import DestinationExistsError
+from jaxflip.convert import hf_orbax, titan_orbax
+from jaxflip.models.checkpoint_folder import DestinationExistsError
 from jaxflip.models.flavors import FLAVORS
+from jaxflip.models.tensor_io import DTYPE_CHOICES, ConversionError
+
+
+def parse_size(text: str) -> int:
+    """``"1GB"``, ``"500MiB"``, ``"2e9"`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConversionError(f"not a size: {text!r} (examples: 500MB, 2GiB)")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 def _add_common(parser: argparse.ArgumentParser, src: str, dst: str, *, shard_size: bool) -> None:
@@ -74,24 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> str:
     """Run the parsed command; returns its summary line."""
     if args.command == "hf-to-orbax":
-        from jaxflip.convert.hf import hf_to_orbax
-
-        return hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                           max_shard_bytes=args.max_shard_size)
+        return hf_orbax.hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                    max_shard_bytes=args.max_shard_size)
     if args.command == "orbax-to-hf":
-        from jaxflip.convert.hf import orbax_to_hf
-
-        return orbax_to_hf(args.src, args.dst, dtype=args.dtype, merge_lora=args.merge_lora, overwrite=args.overwrite,
-                           max_shard_bytes=args.max_shard_size)
+        return hf_orbax.orbax_to_hf(args.src, args.dst, dtype=args.dtype, merge_lora=args.merge_lora,
+                                    overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     if args.command == "titan-to-orbax":
-        from jaxflip.convert.titan import titan_to_orbax
-
-        return titan_to_orbax(args.src, args.dst, flavor=args.flavor, config=args.config, tokenizer_dir=args.tokenizer,
-                              dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
-    from jaxflip.convert.titan import orbax_to_titan
-
-    return orbax_to_titan(args.src, args.dst, dtype=args.dtype, merge_lora=args.merge_lora, key_names=args.key_names,
-                          overwrite=args.overwrite)
+        return titan_orbax.titan_to_orbax(args.src, args.dst, flavor=args.flavor, config=args.config,
+                                          tokenizer_dir=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite,
+                                          max_shard_bytes=args.max_shard_size)
+    return titan_orbax.orbax_to_titan(args.src, args.dst, dtype=args.dtype, merge_lora=args.merge_lora,
+                                      key_names=args.key_names, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from jaxflip.bitflip import RuleTable, apply_bitflip_rules, match_rules, named_linears
 from jaxflip.bitflip.rules_file import load_bitflip_config
-from jaxflip.models import LlamaForCausalLM
+from jaxflip.models import LlamaForCausalLM, open_checkpoint
 
 
 def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True) -> tuple[LlamaForCausalLM, str | None]:
@@ -18,7 +18,6 @@ def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True)
     device flipping its own shards)."""
     import jax
 
-    from jaxflip.convert import open_checkpoint
     from jaxflip.models.sharding import make_mesh
 
     mesh = make_mesh() if shard and jax.device_count() > 1 else None

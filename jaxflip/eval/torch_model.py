@@ -7,9 +7,9 @@ import torch
 import transformers
 
 from jaxflip.bitflip import merge_lora
-from jaxflip.convert.hf import hf_config_dict
 from jaxflip.models import LlamaForCausalLM
-from jaxflip.models.checkpoint import flat_params, param_state
+from jaxflip.models.hf_io import hf_config_dict
+from jaxflip.models.named_params import flat_params, param_state
 
 
 def hf_torch_model(model: LlamaForCausalLM, device: str | None = None) -> transformers.LlamaForCausalLM:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules, named_linears
 from jaxflip.bitflip.rules_file import bitflip_section_to_rules
 from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
-from jaxflip.models import LlamaForCausalLM, get_flavor
+from jaxflip.models import LlamaForCausalLM, get_flavor, open_checkpoint
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
 from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
@@ -100,8 +100,6 @@ def build_model(config: TrainConfig, mesh: Mesh):
     stored = t.dtype if lora else "float32"
     tokenizer_dir = None
     if m.hf_model_path or m.checkpoint:
-        from jaxflip.convert import open_checkpoint
-
         model, tokenizer_dir = open_checkpoint(m.hf_model_path or m.checkpoint, mesh=mesh, param_dtype=stored,
                                                dtype=t.mixed_precision_param)
         check_mesh_fits(model.config, mesh)

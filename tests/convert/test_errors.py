@@ -11,10 +11,11 @@ from safetensors.numpy import load_file, save_file
 from titan_models import titan_model
 
 from jaxflip.convert.__main__ import main
-from jaxflip.convert.titan import single_process
 from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import get_flavor
-from jaxflip.models.checkpoint import CheckpointWriter, copy_tokenizer_files
+from jaxflip.models.checkpoint_folder import copy_tokenizer_files
+from jaxflip.models.orbax_io import CheckpointWriter
+from jaxflip.models.titan_io import read_dcp_metadata, single_process
 
 
 @pytest.fixture
@@ -204,8 +205,6 @@ def small_dcp(tmp_path):
 
 def test_dcp_metadata_with_code_is_refused_and_the_code_does_not_run(small_dcp, tmp_path, capsys):
     import pickle
-
-    from jaxflip.convert.titan import read_dcp_metadata
 
     metadata = read_dcp_metadata(small_dcp)
     metadata.planner_data = WritesMarker(tmp_path / "marker")  # hidden inside a genuine Metadata

@@ -10,9 +10,9 @@ from hf_models import relative_error
 from titan_models import titan_logits, titan_model
 
 from jaxflip.convert.__main__ import main
-from jaxflip.convert.titan import halves_to_interleaved, interleaved_to_halves, single_process
 from jaxflip.models import get_flavor, load
-from jaxflip.models.checkpoint import read_config, read_param, stored_params
+from jaxflip.models.orbax_io import read_config, read_param, stored_params
+from jaxflip.models.titan_io import single_process
 
 FLAVOR = "aixsim-debug"
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -100,16 +100,6 @@ def test_legacy_key_names_are_written_and_read_back(converted, tmp_path):
     expected = stored_arrays(folder / "orbax")
     for name, array in stored_arrays(tmp_path / "orbax").items():
         assert np.array_equal(array, expected[name]), name
-
-
-def test_rope_row_orders_are_inverse_permutations():
-    heads, head_dim, columns = 3, 8, 5
-    weight = np.random.default_rng().standard_normal((heads * head_dim, columns)).astype(np.float32)
-    halves = interleaved_to_halves(weight, heads)
-    assert not np.array_equal(halves, weight)
-    assert np.array_equal(halves_to_interleaved(halves, heads), weight)
-    # head 0's interleaved pair (0, 1) becomes HF's (0, head_dim / 2)
-    assert np.array_equal(halves[[0, head_dim // 2]], weight[[0, 1]])
 
 
 def test_a_written_dcp_folder_reads_back_alone(tmp_path):

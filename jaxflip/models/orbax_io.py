@@ -1,4 +1,5 @@
-"""The jaxflip model checkpoint: one folder that eval, training and the converters share.
+"""The jaxflip (Orbax) model checkpoint: one folder that eval, training and the converters
+share; written and read here (``save``, ``load``, ``CheckpointWriter``, ``CheckpointSource``).
 
     PATH/jaxflip_model.json   the LlamaConfig, and the LoRA adapters' rank/alpha/layers if any
     PATH/params/00000/ ...    Orbax checkpoints of the parameters, a flat dict keyed by HF-style
@@ -9,21 +10,17 @@
 
 Shards let a converter write a 70B model while holding one shard in host memory, and read one
 tensor at a time (Orbax restores a single key of a shard). ``save`` and the converters write
-into a sibling temporary folder and rename it into place, so PATH is either absent or
-complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
+into a sibling temporary folder and rename it into place (``checkpoint_folder.write_aside``),
+so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
 parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
 not part of the model: rules are applied after loading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -32,10 +29,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxflip.bitflip import BitFlipLoRALinear, add_lora, named_linears
+from jaxflip.bitflip import BitFlipLoRALinear, named_linears
+from jaxflip.bitflip.lora import merged_weight
+from jaxflip.models.checkpoint_folder import copy_tokenizer_files, write_aside
 from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
+                                         flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
+from jaxflip.models.tensor_io import ConversionError, TensorSource
 
 METADATA_FILE = "jaxflip_model.json"
 PARAMS_DIR = "params"
@@ -69,110 +71,6 @@ def lora_settings(model: LlamaForCausalLM) -> dict | None:
         raise ValueError(f"LoRA adapters with different rank/alpha cannot be saved together: {sorted(ranks)}")
     (rank, alpha), = ranks
     return {"rank": rank, "alpha": alpha, "layers": sorted(adapters)}
-
-
-def param_state(model: nnx.Module) -> nnx.State:
-    """Every parameter (``nnx.Param``, LoRA factors included), not the bitflip seeds."""
-    return nnx.state(model, nnx.Param)
-
-
-def flat_params(state: nnx.State) -> dict:
-    """``{"model.layers.0.mlp.up_proj.weight": value}``: HF-style names, the checkpoint's keys."""
-    return {".".join(str(part) for part in path): variable.get_value()
-            for path, variable in nnx.to_flat_state(state)}
-
-
-def abstract_model(config: LlamaConfig, lora: dict | None = None) -> LlamaForCausalLM:
-    """The model (with LoRA adapters on ``lora["layers"]``) as shapes only: nothing allocated."""
-
-    def build():
-        model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
-        if lora:
-            add_lora(model, rank=lora["rank"], alpha=lora["alpha"], rngs=nnx.Rngs(0),
-                     skip=tuple(set(named_linears(model)) - set(lora["layers"])))
-        return model
-
-    return nnx.eval_shape(build)
-
-
-def expected_params(config: LlamaConfig, lora: dict | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """Name -> shape and dtype of every parameter a checkpoint of this model holds."""
-    return flat_params(param_state(abstract_model(config, lora)))
-
-
-def short_list(names, limit: int = 4) -> str:
-    """``a, b, c, d (+5 more)``: keeps an error message on one readable line."""
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def check_params(source, shapes: dict[str, tuple], expected: dict[str, jax.ShapeDtypeStruct]) -> None:
-    """Raise ``ValueError`` unless ``shapes`` (name -> shape) has exactly the expected names
-    and shapes."""
-    missing, unexpected = set(expected) - set(shapes), set(shapes) - set(expected)
-    if missing or unexpected:
-        problems = ([f"missing {short_list(missing)}"] if missing else []) + (
-            [f"unexpected {short_list(unexpected)}"] if unexpected else [])
-        raise ValueError(f"{source}: tensors do not fit the config: {'; '.join(problems)}")
-    for name, shape in shapes.items():
-        if tuple(shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the config expects {tuple(expected[name].shape)}")
-
-
-def check_floating(source, dtypes: dict) -> None:
-    """Raise ``ValueError`` when parameters (name -> dtype) are not floating point: an integer
-    or boolean tensor cast to the model's float dtype would load silently as something else."""
-    bad = sorted(name for name, dtype in dtypes.items() if not jax.numpy.issubdtype(dtype, jax.numpy.floating))
-    if bad:
-        raise ValueError(f"{source}: {short_list(bad)} hold {np.dtype(dtypes[bad[0]]).name} values, not floating point; "
-                         f"weights are not cast from integers")
-
-
-class DestinationExistsError(FileExistsError):
-    """The folder to write exists and ``overwrite`` is off; ``path`` names it (a CLI words the
-    remedy as its own flag)."""
-
-    def __init__(self, path: Path):
-        super().__init__(f"{path} exists; pass overwrite=True to replace it")
-        self.path = path
-
-
-def _umask_mode() -> int:
-    """The mode ``mkdir`` gives a new folder under the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-@contextlib.contextmanager
-def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder of ``path`` to write into; on success it is renamed to
-    ``path`` (replacing it with ``overwrite``), on any error or interrupt it is removed. PATH
-    is therefore either absent, the old one, or complete, and has the mode any new folder gets
-    (``mkdtemp``'s private 0700 is undone)."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise DestinationExistsError(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    staging.chmod(_umask_mode())
-    try:
-        yield staging
-        if path.exists():
-            # move the old one aside first, so a failure between the two renames loses nothing
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-LORA_FACTORS = ("lora_A", "lora_B")  # name endings of a LoRA adapter's parameters
 
 
 class CheckpointWriter:
@@ -246,21 +144,6 @@ def save(model: LlamaForCausalLM, path: str | os.PathLike, *, tokenizer_dir: str
             writer.add(name, value)
         writer.finish()
     return Path(path).absolute()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
-
-
-def copy_tokenizer_files(source: str | os.PathLike, destination: Path) -> list[str]:
-    """Copy the tokenizer files present in ``source``; returns their names."""
-    destination.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, destination / name)
-            copied.append(name)
-    return copied
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -346,3 +229,36 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
         if isinstance(variable.get_value(), jax.ShapeDtypeStruct):
             variable.set_value(jax.numpy.zeros(variable.shape, variable.dtype))
     return model
+
+
+class CheckpointSource(TensorSource):
+    """A jaxflip checkpoint's parameters. With ``merge_lora``, each adapted weight is read as
+    ``W + (B @ A) * alpha / r`` and the factors disappear; without it, a checkpoint with
+    adapters is refused (HF and torchtitan Llamas have no place for them)."""
+
+    def __init__(self, path: str | os.PathLike, *, merge_lora: bool):
+        try:
+            self.config, self.lora = read_config(path)
+            self.stored = stored_params(path)
+        except FileNotFoundError as error:
+            raise ConversionError(str(error)) from None
+        if self.lora and not merge_lora:
+            raise ConversionError(f"{path} has LoRA adapters ({len(self.lora['layers'])} layers); "
+                                  f"pass --merge-lora to fold them into the weights")
+        self.adapted = {f"{layer}.weight" for layer in self.lora["layers"]} if self.lora else set()
+        self.shapes = {name: tuple(array.shape) for name, (_, array) in self.stored.items()
+                       if not name.endswith(LORA_FACTORS)}
+        self.dtypes = {name: np.dtype(self.stored[name][1].dtype) for name in self.shapes}
+
+    def _read_stored(self, name: str) -> np.ndarray:
+        shard, _ = self.stored[name]
+        return read_param(shard, name)
+
+    def read(self, name: str) -> np.ndarray:
+        weight = self._read_stored(name)
+        if name not in self.adapted:
+            return weight
+        layer = name.removesuffix(".weight")
+        return np.asarray(merged_weight(weight, self._read_stored(f"{layer}.lora_A"),
+                                        self._read_stored(f"{layer}.lora_B"), rank=self.lora["rank"],
+                                        alpha=self.lora["alpha"]))

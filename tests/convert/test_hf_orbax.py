@@ -5,24 +5,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, tiny_hf_config
+from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, save_hf_folder, tiny_hf_config
 from safetensors.numpy import load_file
 
-from jaxflip.convert import open_checkpoint
 from jaxflip.convert.__main__ import main
-from jaxflip.convert.common import torch_to_numpy
-from jaxflip.convert.hf import load_hf_model
 from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import load
-from jaxflip.models.checkpoint import copy_tokenizer_files, read_config, read_param, stored_params
-
-
-def save_hf_folder(model, folder, *, max_shard_size=None):
-    """``save_pretrained`` (sharded when ``max_shard_size`` is given) plus the repository's
-    offline tokenizer."""
-    model.save_pretrained(folder, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-    copy_tokenizer_files(builtin_tokenizer_dir(), folder)
-    return folder
+from jaxflip.models.orbax_io import read_config, read_param, stored_params
+from jaxflip.models.tensor_io import torch_to_numpy
 
 
 def hf_tensors(folder) -> dict[str, np.ndarray]:
@@ -95,37 +85,6 @@ def test_bfloat16_conversion_rounds_like_torch(tmp_path):
     for name, tensor in hf_model.state_dict().items():
         expected = torch_to_numpy(tensor.to(torch.bfloat16))
         assert np.array_equal(read_param(stored[name][0], name).view(np.uint16), expected.view(np.uint16)), name
-
-
-def test_load_hf_model_streams_a_pytorch_model_bin(tmp_path):
-    """The older torch.save layout, read memory-mapped with weights_only=True."""
-    rng = np.random.default_rng()
-    hf_model = random_hf_model(tiny_hf_config(), rng)
-    save_hf_folder(hf_model, tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
-    model, tokenizer_dir = load_hf_model(tmp_path)
-    tokens = random_tokens(rng, hf_model.config, (2, 16))
-    assert relative_error(np.asarray(model(jnp.asarray(tokens))), hf_logits(hf_model, tokens)) < 1e-4
-    assert tokenizer_dir == tmp_path
-
-
-def test_load_hf_model_keeps_bfloat16(tmp_path):
-    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng()).to(torch.bfloat16)
-    save_hf_folder(hf_model, tmp_path)
-    model, _ = load_hf_model(tmp_path)
-    weight = model.model.layers[1].mlp.up_proj.weight[...]
-    assert weight.dtype == jnp.bfloat16
-    assert np.array_equal(np.asarray(weight), torch_to_numpy(hf_model.model.layers[1].mlp.up_proj.weight))
-
-
-def test_open_checkpoint_opens_both_kinds(round_trip):
-    hf_model, folder, rng = round_trip
-    tokens = jnp.asarray(random_tokens(rng, hf_model.config, (1, 12)))
-    from_orbax, orbax_tokenizer = open_checkpoint(folder / "orbax")
-    from_hf, hf_tokenizer = open_checkpoint(folder / "hf")
-    np.testing.assert_array_equal(np.asarray(from_orbax(tokens)), np.asarray(from_hf(tokens)))
-    assert (orbax_tokenizer, hf_tokenizer) == (folder / "orbax" / "tokenizer", folder / "hf")
 
 
 def test_overwrite_replaces_the_destination(tmp_path):

@@ -1,8 +1,8 @@
-"""What every converter shares: tensor sources read one tensor at a time, exact dtype
-handling, the jaxflip checkpoint as a source, progress and the summary line.
+"""Tensors read one at a time, exact dtype handling, progress and the summary line: what the
+readers and writers of every checkpoint format (``hf_io``, ``titan_io``, ``orbax_io``) share.
 
 A ``TensorSource`` knows every tensor's shape and dtype from headers or metadata alone, so a
-converter checks names and shapes against the config before it reads a single weight, and
+reader checks names and shapes against the config before it reads a single weight, and
 then holds one tensor (or one output shard) at a time.
 """
 
@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 from typing import Self
 
+import ml_dtypes
 import numpy as np
 
-from jaxflip.bitflip.lora import merged_weight
-from jaxflip.models.checkpoint import LORA_FACTORS, read_config, read_param, stored_params
-from jaxflip.models.hf import BFLOAT16, torch_to_numpy
-
 DTYPE_CHOICES = ("keep", "float32", "bfloat16")
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class ConversionError(ValueError):
@@ -51,6 +49,17 @@ def resolve_dtype(requested: str, source_dtypes) -> str:
         return requested
     kinds = {np.dtype(dtype) for dtype in source_dtypes}
     return "bfloat16" if kinds == {BFLOAT16} else "float32"
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as numpy, bit for bit (numpy has no bfloat16 of its own: view the
+    bits). Shares memory with ``tensor`` where it can (memory-mapped files stay lazy)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    return tensor.numpy()
 
 
 def numpy_dtype(torch_dtype) -> np.dtype:
@@ -94,49 +103,6 @@ class TorchFileSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         return torch_to_numpy(self.tensors[name])
-
-
-class CheckpointSource(TensorSource):
-    """A jaxflip checkpoint's parameters. With ``merge_lora``, each adapted weight is read as
-    ``W + (B @ A) * alpha / r`` and the factors disappear; without it, a checkpoint with
-    adapters is refused (HF and torchtitan Llamas have no place for them)."""
-
-    def __init__(self, path: str | os.PathLike, *, merge_lora: bool):
-        try:
-            self.config, self.lora = read_config(path)
-            self.stored = stored_params(path)
-        except FileNotFoundError as error:
-            raise ConversionError(str(error)) from None
-        if self.lora and not merge_lora:
-            raise ConversionError(f"{path} has LoRA adapters ({len(self.lora['layers'])} layers); "
-                                  f"pass --merge-lora to fold them into the weights")
-        self.adapted = {f"{layer}.weight" for layer in self.lora["layers"]} if self.lora else set()
-        self.shapes = {name: tuple(array.shape) for name, (_, array) in self.stored.items()
-                       if not name.endswith(LORA_FACTORS)}
-        self.dtypes = {name: np.dtype(self.stored[name][1].dtype) for name in self.shapes}
-
-    def _read_stored(self, name: str) -> np.ndarray:
-        shard, _ = self.stored[name]
-        return read_param(shard, name)
-
-    def read(self, name: str) -> np.ndarray:
-        weight = self._read_stored(name)
-        if name not in self.adapted:
-            return weight
-        layer = name.removesuffix(".weight")
-        return np.asarray(merged_weight(weight, self._read_stored(f"{layer}.lora_A"),
-                                        self._read_stored(f"{layer}.lora_B"), rank=self.lora["rank"],
-                                        alpha=self.lora["alpha"]))
-
-
-def parse_size(text: str) -> int:
-    """``"1GB"``, ``"500MiB"``, ``"2e9"`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ConversionError(f"not a size: {text!r} (examples: 500MB, 2GiB)")
-    number, prefix, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(prefix.upper() or " "))
 
 
 def peak_host_memory_bytes() -> int:

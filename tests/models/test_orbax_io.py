@@ -11,7 +11,8 @@ from flax import nnx
 from jaxflip.bitflip import BitFlipLoRALinear, LoRAParam, add_lora
 from jaxflip.data import builtin_tokenizer_dir
 from jaxflip.models import LlamaForCausalLM, get_flavor, load, save
-from jaxflip.models.checkpoint import METADATA_FILE, PARAMS_DIR, flat_params, param_state, stored_params, tokenizer_path
+from jaxflip.models.named_params import flat_params, param_state
+from jaxflip.models.orbax_io import METADATA_FILE, PARAMS_DIR, stored_params, tokenizer_path
 from jaxflip.models.sharding import make_mesh, state_shardings
 
 DEBUG = get_flavor("aixsim-debug", vocab_size=512)
