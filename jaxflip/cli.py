@@ -54,7 +54,7 @@ class _ClosedLoopReports:
 
 def quiet_reported_os_faults() -> None:
     """Leave an OS fault of an Orbax save (disk full, no permission) to the one line of the
-    error that reports it: without this, ~20 tracebacks of Orbax's threads and tensorstore's
+    error that reports it: without this, dozens of tracebacks of Orbax's threads and tensorstore's
     callbacks come first. Idempotent; other log records and unraisable exceptions pass."""
     for logger in map(logging.getLogger, ("absl", "asyncio")):
         if not any(isinstance(f, _ReportedOSFaults) for f in logger.filters):
