@@ -6,7 +6,8 @@ the end, ``model/`` (a ``jaxflip.models`` checkpoint that eval and the converter
 Running the same command again resumes from the latest checkpoint; ``--job.start_over true``
 discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly. A
 non-finite loss or gradient stops the run before it is saved (``NonFiniteError``), or, up to
-``training.skip_nonfinite`` times (skips before a resume count), skips the step (no update; ``make_train_step``).
+``training.skip_nonfinite`` times (skips before a resume count), skips the step (no update;
+``make_train_step``).
 """
 
 from __future__ import annotations
