@@ -74,6 +74,7 @@ class TrainingConfig:
     max_norm: float = 1.0  # global gradient-norm clip; 0 disables
     log_freq: int = 10
     save_freq: int = 500
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped (no update) before the run stops
 
 
 @dataclass
@@ -256,6 +257,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("weight_decay", "max_norm", "eps"):
         check(0 <= getattr(t, name) < math.inf, f"training.{name}", "a finite number >= 0", getattr(t, name))
     check(0 <= t.warmup_steps, "training.warmup_steps", "an integer >= 0", t.warmup_steps)
+    check(0 <= t.skip_nonfinite, "training.skip_nonfinite", "an integer >= 0 (0: stop at the first)", t.skip_nonfinite)
     check(t.decay in ("cosine", "linear", "constant"), "training.decay", "cosine, linear or constant", t.decay)
     check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", "a number in [0, 1]", t.min_lr_ratio)
     for name in ("beta1", "beta2"):

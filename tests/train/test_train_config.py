@@ -94,6 +94,8 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--parallelism.process_id", "-2"], "parallelism.process_id: expected -1 or an integer >= 0, got -2"),
     (["--training.weight_decay", "inf"], "training.weight_decay: expected a finite number >= 0, got inf"),
     (["--training.max_norm", "nan"], "training.max_norm: expected a finite number >= 0, got nan"),
+    (["--training.skip_nonfinite", "-1"], "training.skip_nonfinite: expected an integer >= 0 (0: stop at the first), "
+                                          "got -1"),
     (["--lora.r", "4", "--lora.lora_alpha", "inf"], "lora.lora_alpha: expected a finite number > 0, got inf"),
     (["--bitflip.rules", "{default: {x_p_exp: 1.5}}"],
      "bitflip.rules: bitflip rule 'default': x_p_exp must be a probability in (0, 1) or None, got 1.5"),
