@@ -6,9 +6,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import jax
+
 from jaxflip.bitflip import RuleTable, apply_bitflip_rules, match_rules, named_linears
 from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.data import load_tokenizer
 from jaxflip.models import LlamaForCausalLM, open_checkpoint
+from jaxflip.models.sharding import make_mesh
 
 
 def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True) -> tuple[LlamaForCausalLM, str | None]:
@@ -16,18 +20,12 @@ def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True)
     on several devices (and ``shard``) its weights are FSDP-sharded over all of them (forwards then run
     under ``on_model_mesh``: batch rows split over the devices when they divide, each
     device flipping its own shards)."""
-    import jax
-
-    from jaxflip.models.sharding import make_mesh
-
     mesh = make_mesh() if shard and jax.device_count() > 1 else None
     return open_checkpoint(checkpoint, mesh=mesh, param_dtype=dtype)
 
 
 def open_tokenizer(tokenizer: str | None, checkpoint_tokenizer_dir: str | None, checkpoint: str):
     """``--tokenizer`` if given (a path, a hub name or ``builtin``), else the checkpoint's own."""
-    from jaxflip.data import load_tokenizer
-
     source = tokenizer or checkpoint_tokenizer_dir
     if source is None:
         raise ValueError(f"{checkpoint} has no tokenizer; pass --tokenizer (a path, a hub name or 'builtin')")

@@ -32,8 +32,8 @@ from jax.sharding import Mesh
 from jaxflip.bitflip import BitFlipLoRALinear, named_linears
 from jaxflip.bitflip.lora import merged_weight
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, write_aside
-from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.llama_config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
