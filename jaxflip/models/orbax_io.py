@@ -11,9 +11,9 @@ share; written and read here (``save``, ``load``, ``CheckpointWriter``, ``Checkp
 Shards let a converter write a 70B model while holding one shard in host memory, and read one
 tensor at a time (Orbax restores a single key of a shard). ``save`` and the converters write
 into a sibling temporary folder and rename it into place (``checkpoint_folder.write_aside``),
-so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
-parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
-not part of the model: rules are applied after loading.
+so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random
+initialisation) and restores each parameter straight into its place, sharded when a mesh is
+given. Bitflip settings and seeds are not part of the model: rules are applied after loading.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """torchtitan Llama checkpoints: their key names and RoPE row order, a DCP folder or
 ``torch.save`` file opened as tensors (``open_titan``), the flavor its shapes tell, and a DCP
-folder written tensor by tensor (``write_dcp``). The converters ``titan-to-orbax`` and ``orbax-to-titan`` (``jaxflip.convert.titan_orbax``) are
-built on these.
+folder written tensor by tensor (``write_dcp``). The converters ``titan-to-orbax`` and
+``orbax-to-titan`` (``jaxflip.convert.titan_orbax``) are built on these.
 
 A torchtitan checkpoint is a ``torch.distributed.checkpoint`` (DCP) folder (``.metadata`` and
 ``__R_0.distcp`` files, e.g. ``outputs/checkpoint/step-1000``) or a ``torch.save`` file of its
