@@ -13,7 +13,7 @@ from jaxflip.bitflip.rules_file import read_bitflip_config
 from jaxflip.cli import exit_status
 from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile
 from jaxflip.eval.report import check_output_path, write_json
-from jaxflip.models.config import DTYPES
+from jaxflip.models.llama_config import DTYPES
 
 COMMANDS = {
     "ppl": (perplexity, "cross-entropy and perplexity, clean and under bitflip"),

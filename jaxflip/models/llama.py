@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxflip.bitflip import BitFlipLinear
 from jaxflip.kernels_pallas.random_bitflip import FLIPPED_NAME, KEEP_NAME
-from jaxflip.models.config import LlamaConfig
+from jaxflip.models.llama_config import LlamaConfig
 from jaxflip.models.sharding import constrain, context_sharding
 
 embedding_init = nnx.initializers.normal(stddev=0.02)  # HF Llama's initializer_range

@@ -11,9 +11,9 @@ share; written and read here (``save``, ``load``, ``CheckpointWriter``, ``Checkp
 Shards let a converter write a 70B model while holding one shard in host memory, and read one
 tensor at a time (Orbax restores a single key of a shard). ``save`` and the converters write
 into a sibling temporary folder and rename it into place (``checkpoint_folder.write_aside``),
-so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
-parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
-not part of the model: rules are applied after loading.
+so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random
+initialisation) and restores each parameter straight into its place, sharded when a mesh is
+given. Bitflip settings and seeds are not part of the model: rules are applied after loading.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from jax.sharding import Mesh
 from jaxflip.bitflip import BitFlipLoRALinear, named_linears
 from jaxflip.bitflip.lora import merged_weight
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, write_aside
-from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.llama_config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import state_shardings
