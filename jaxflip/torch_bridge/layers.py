@@ -13,7 +13,7 @@ import torch
 
 from jaxflip.bitflip import TensorFlip, calculate_flip_probability
 from jaxflip.bitflip.seeds import SEED_NAMES
-from jaxflip.torch_bridge.functional import random_bitflip
+from jaxflip.torch_bridge.functional import random_bitflip_fn
 
 
 class RandomBitFlipLinear(torch.nn.Linear):
@@ -43,10 +43,10 @@ class RandomBitFlipLinear(torch.nn.Linear):
             setattr(self, name, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, self.x_seed_exp, self.x_seed_frac = random_bitflip(
+        x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
             x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
             self.x_zero_out_t)
-        w, self.w_seed_exp, self.w_seed_frac = random_bitflip(
+        w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
             self.weight, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
             self.w_zero_out_t)
         return torch.nn.functional.linear(x, w, self.bias)
