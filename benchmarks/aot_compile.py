@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxflip.models.scan import stack_layers
 from jaxflip.train import setup
-from jaxflip.train.config import load_config
+from jaxflip.train.train_config import load_config
 from jaxflip.train.step import (abstract_train_state, batch_sharding, make_optimizer, make_train_step, split_model,
                                 state_sharding)
 

@@ -29,7 +29,7 @@ from jaxflip.bitflip import apply_bitflip_rules
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh, state_shardings
-from jaxflip.train.config import from_dict
+from jaxflip.train.train_config import from_dict
 from jaxflip.train.step import batch_sharding, init_state, make_optimizer, make_train_step
 
 # NewComputeBench's default-rule shape: the same flips in every decoder Linear

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxflip.train import setup
 from jaxflip.train.collectives import collective_bytes
-from jaxflip.train.config import load_config
+from jaxflip.train.train_config import load_config
 from jaxflip.train.step import batch_sharding, init_state, make_optimizer, make_train_step
 
 

@@ -4,7 +4,9 @@
 * ``TRITON_INTERPRET=1`` when no CUDA device is present, so mase-triton's kernels (the referee)
   run on CPU tensors.
 
-And, for every test, float32 matmuls in full float32 (``float32_matmuls_in_float32``).
+And, for every test, float32 matmuls in full float32 (``float32_matmuls_in_float32``); tests
+marked ``gpu`` are skipped, with the reason, where there is no CUDA GPU (``pytest -m gpu`` on
+one runs exactly them).
 """
 
 import os
@@ -24,6 +26,17 @@ import subprocess  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one skip of the GPU-only tests: they need JAX's gpu backend and torch on CUDA (the
+    Pallas kernel compiled, mase-triton's kernels native)."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests or (torch.cuda.is_available() and jax.default_backend() == "gpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU for JAX and torch (jax[cuda12]); run `pytest -m gpu` on one")
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -47,6 +47,17 @@ def save_hf_folder(model, folder, *, max_shard_size=None):
     return folder
 
 
+HF_FOLDER_KINDS = ["single", "sharded", "tied"]  # one safetensors file, an indexed set, a tied head
+
+
+def random_hf_folder(kind: str, folder, rng: np.random.Generator) -> transformers.LlamaForCausalLM:
+    """A tiny HF model with fresh random weights saved in ``folder`` as ``kind`` says; the model."""
+    hf_model = random_hf_model(tiny_hf_config(tie=kind == "tied"), rng)
+    save_hf_folder(hf_model, folder, max_shard_size="60KB" if kind == "sharded" else None)
+    assert (folder / "model.safetensors.index.json").is_file() == (kind == "sharded")
+    return hf_model
+
+
 def random_tokens(rng: np.random.Generator, config, shape) -> np.ndarray:
     return rng.integers(0, config.vocab_size, shape)
 

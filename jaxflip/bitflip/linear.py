@@ -11,26 +11,38 @@ mase-triton flips in ``nn.Linear.weight``, and HF weights copy in unchanged.
 Flip settings are static Python attributes (they select the compiled code); the seeds are
 ``BitflipSeed`` state that every call advances.
 
-On a multi-device mesh (``jax.set_mesh``, see ``jaxflip.models.sharding``) each device flips
-only its own shard, by global element index, so N devices flip exactly the bits one device
-would at 1/N of the work: the input on its batch shard, the weight on its FSDP shard before
-XLA gathers it for the matmul (flipping then gathering equals gathering then flipping, the
-flips being keyed on global indices). The tensor is first constrained to that layout, then
-``random_bitflip`` runs the kernel under ``shard_map`` with that sharding. A Pallas kernel
-is opaque to XLA's partitioner; left to it, every device would gather the whole tensor and
-flip all of it.
+On a multi-device mesh each device flips only its own shard, by global element index, so N
+devices flip exactly the bits one device would at 1/N of the work: the input on its batch
+shard, the weight on its FSDP shard before XLA gathers it for the matmul (flipping then
+gathering equals gathering then flipping, the flips being keyed on global indices). The
+tensor is first constrained to that layout, then ``random_bitflip`` runs the kernel under
+``shard_map`` with that sharding. A Pallas kernel is opaque to XLA's partitioner; left to it,
+every device would gather the whole tensor and flip all of it. The layout is the model's
+(MaxText passes its sharding rules down the same way): the model hands each layer a
+``layout`` function, ``jaxflip.models.sharding.context_sharding`` for jaxflip's Llama, which
+maps logical axis names to a sharding on the enclosing ``jax.set_mesh``; this package knows
+no mesh axes.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from jaxflip import find_nearest_prob_n_halves, random_bitflip
 from jaxflip.bitflip.seeds import SEED_NAMES, BitflipSeed
+from jaxflip.kernels_pallas import random_bitflip
+from jaxflip.kernels_pallas.limits import flip_halves
+
+# ``(logical_axes, shape) -> sharding``: where a tensor with these logical axis names lies on
+# the current mesh (None: no mesh, or one device)
+Layout = Callable[[Sequence[str | None], Sequence[int]], NamedSharding | None]
 
 # the LM head's module name (HF's, and jaxflip.models.llama's attribute): NewComputeBench's
 # recipe never flips it and gives it no LoRA adapter
@@ -49,9 +61,14 @@ class TensorFlip:
     zero_out_t: float | None = None
 
     @classmethod
-    def from_probabilities(cls, p_exp: float | None, p_frac: float | None, zero_out_t: float | None) -> TensorFlip:
-        """Probabilities snap to ``0.5 ** ceil(log2(1 / p))``, as mase-triton does."""
-        return cls(find_nearest_prob_n_halves(p_exp), find_nearest_prob_n_halves(p_frac), zero_out_t)
+    def from_probabilities(cls, p_exp: float | None, p_frac: float | None, zero_out_t: float | None, *,
+                           name: str = "") -> TensorFlip:
+        """The flip of settings ``{name}p_exp``, ``{name}p_frac`` and ``{name}zero_out_t``, checked:
+        each probability None or in (0, 1), snapped to ``0.5 ** ceil(log2(1 / p))`` as mase-triton
+        does and no smaller than the kernel's ``0.5 ** MAX_HALVES``; the threshold None or >= 0.
+        Raises ``ValueError`` naming the setting (``name`` is its prefix, e.g. ``"bitflip.x_"``)."""
+        return cls(flip_halves(f"{name}p_exp", p_exp), flip_halves(f"{name}p_frac", p_frac),
+                   _threshold(f"{name}zero_out_t", zero_out_t))
 
     @property
     def enabled(self) -> bool:
@@ -68,21 +85,23 @@ class TensorFlip:
         return f"p_exp={prob(self.exp_halves)} p_frac={prob(self.frac_halves)} zero_out_t={zero_out}"
 
 
+def _threshold(name: str, t) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or t < 0:
+        raise ValueError(f"{name} must be a number >= 0 or None, got {t!r}")
+    return float(t)
+
+
 def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_frac: BitflipSeed,
-                logical_axes: tuple[str | None, ...] | None = None) -> jax.Array:
-    """Flip ``value`` with the current seeds and store the advanced seeds back. With
-    ``logical_axes`` and a multi-device mesh in context, each device flips its own shard of
-    that layout."""
+                sharding: NamedSharding | None = None) -> jax.Array:
+    """Flip ``value`` with the current seeds and store the advanced seeds back. With a
+    ``sharding`` (over several devices), ``value`` is constrained to it and each device flips
+    its own shard."""
     if not flip.enabled:
         return value
-    sharding = None
-    if logical_axes is not None:
-        # imported here: jaxflip.models imports this module
-        from jaxflip.models.sharding import context_sharding
-
-        sharding = context_sharding(logical_axes, value.shape)
-        if sharding is not None:
-            value = jax.lax.with_sharding_constraint(value, sharding)
+    if sharding is not None:
+        value = jax.lax.with_sharding_constraint(value, sharding)
     flipped, next_exp, next_frac = random_bitflip(
         value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t, sharding=sharding
     )
@@ -101,8 +120,10 @@ def activation_axes(ndim: int) -> tuple[str | None, ...]:
 class BitFlipLinear(nnx.Module):
     """``y = flip(x) @ flip(W)^T + b``, W of shape ``(out_features, in_features)``.
 
-    ``axes``: logical axis names of the weight, ``(out_axis, in_axis)`` (see
-    ``jaxflip.models.sharding``). ``dtype``: the matmul's dtype (default: ``param_dtype``).
+    ``axes``: logical axis names of the weight, ``(out_axis, in_axis)``; ``layout``: the model's
+    map from logical axes to a sharding on the current mesh (see the module's doc; None: no
+    sharding, each flip sees the whole tensor). ``dtype``: the matmul's dtype (default:
+    ``param_dtype``).
     The weight is flipped in its stored dtype and the input in the dtype it arrives in (as
     mase-triton does under torch autocast), then both are cast to ``dtype``.
     """
@@ -114,6 +135,7 @@ class BitFlipLinear(nnx.Module):
         *,
         use_bias: bool = False,
         axes: tuple[str | None, str | None] = (None, None),
+        layout: Layout | None = None,
         param_dtype=jnp.float32,
         dtype=None,
         weight_init=default_weight_init,
@@ -122,6 +144,7 @@ class BitFlipLinear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.axes = axes
+        self.layout = layout
         self.dtype = dtype if dtype is not None else param_dtype
         self.weight = nnx.Param(
             weight_init(rngs.params(), (out_features, in_features), param_dtype),
@@ -153,9 +176,15 @@ class BitFlipLinear(nnx.Module):
         """The weight the matmul sees before flipping (LoRA adds its update here)."""
         return self.weight[...]
 
+    def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding | None:
+        """Where a tensor with these logical axes lies on the current mesh (``layout``)."""
+        return None if self.layout is None else self.layout(logical_axes, shape)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac, activation_axes(x.ndim))
-        w = flip_tensor(self.effective_weight(), self.w_flip, self.w_seed_exp, self.w_seed_frac, self.axes)
+        x_sharding = self.sharding(activation_axes(x.ndim), x.shape)
+        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac, x_sharding)
+        w = self.effective_weight()
+        w = flip_tensor(w, self.w_flip, self.w_seed_exp, self.w_seed_frac, self.sharding(self.axes, w.shape))
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

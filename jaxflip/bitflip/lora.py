@@ -60,7 +60,7 @@ class BitFlipLoRALinear(BitFlipLinear):
         """Wrap ``linear``: same weight and bias arrays, flips and current seeds, plus a fresh
         adapter."""
         lora = cls(linear.in_features, linear.out_features, rank=rank, alpha=alpha, rngs=rngs,
-                   use_bias=linear.bias is not None, axes=linear.axes,
+                   use_bias=linear.bias is not None, axes=linear.axes, layout=linear.layout,
                    param_dtype=linear.weight[...].dtype, dtype=linear.dtype,
                    weight_init=lambda key, shape, dtype: linear.weight[...])
         _copy_rest(linear, lora)
@@ -74,7 +74,7 @@ class BitFlipLoRALinear(BitFlipLinear):
         bias, flips and current seeds."""
         merged_weight = self.effective_weight()
         merged = BitFlipLinear(self.in_features, self.out_features, use_bias=self.bias is not None,
-                               axes=self.axes, param_dtype=merged_weight.dtype, dtype=self.dtype,
+                               axes=self.axes, layout=self.layout, param_dtype=merged_weight.dtype, dtype=self.dtype,
                                weight_init=lambda key, shape, dtype: merged_weight, rngs=nnx.Rngs(0))
         _copy_rest(self, merged)
         return merged

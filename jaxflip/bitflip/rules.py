@@ -20,8 +20,6 @@ missing setting means None (seeds: 0).
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from flax import nnx
 
 from jaxflip.bitflip.linear import LM_HEAD, TensorFlip, named_linears
 from jaxflip.bitflip.seeds import SEED_NAMES, independent_seed
-from jaxflip.kernels_pallas.limits import check_seed, flip_halves
+from jaxflip.kernels_pallas.limits import check_seed
 
 PROBABILITY_KEYS = ("x_p_exp", "x_p_frac", "w_p_exp", "w_p_frac")
 THRESHOLD_KEYS = ("x_zero_out_t", "w_zero_out_t")
@@ -55,6 +53,20 @@ class RuleRow:
         return self.x_flip.enabled or self.w_flip.enabled
 
 
+# one rule's flips and starting seeds; None: the rule skips its layers
+Rule = tuple[TensorFlip, TensorFlip, tuple[int, int, int, int]] | None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Rules parsed and checked (``parse_rules``): each pattern's ``Rule`` in order, ``default``
+    included, and each pattern but ``default`` compiled. ``match_rules`` takes one as it
+    takes the mapping it came from."""
+
+    settings: dict[str, Rule]
+    patterns: dict[str, re.Pattern]
+
+
 class RuleTable(list):
     """The rows of ``apply_bitflip_rules``, one per Linear; ``str()`` gives a printable table."""
 
@@ -69,17 +81,24 @@ class RuleTable(list):
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def apply_bitflip_rules(model: nnx.Module, rules: Mapping, seed_mode: str = "reference", base_seed: int = 0) -> RuleTable:
+def apply_bitflip_rules(model: nnx.Module, rules: Mapping | RuleSet, seed_mode: str = "reference",
+                        base_seed: int = 0) -> RuleTable:
     """Configure every ``BitFlipLinear`` of ``model`` from ``rules`` (in place) and return
     which layer got which rule (see ``match_rules``)."""
+    return apply_rule_table(model, match_rules(list(named_linears(model)), rules, seed_mode, base_seed))
+
+
+def apply_rule_table(model: nnx.Module, table: RuleTable) -> RuleTable:
+    """Configure the ``BitFlipLinear`` of each row of ``table`` (``match_rules`` on ``model``'s
+    layer names) as the row says; returns ``table``."""
     linears = named_linears(model)
-    table = match_rules(list(linears), rules, seed_mode, base_seed)
     for row in table:
         linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds)
     return table
 
 
-def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "reference", base_seed: int = 0) -> RuleTable:
+def match_rules(layer_names: list[str], rules: Mapping | RuleSet, seed_mode: str = "reference",
+                base_seed: int = 0) -> RuleTable:
     """The flips and starting seeds that ``rules`` give each of ``layer_names`` (the Linears
     of a model, by HF module name); any framework's model can be configured from the table.
 
@@ -92,7 +111,8 @@ def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "refere
     """
     if seed_mode not in SEED_MODES:
         raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
-    settings, patterns = parse_rules(rules)
+    rule_set = rules if isinstance(rules, RuleSet) else parse_rules(rules)
+    patterns = rule_set.patterns
     for pattern, regex in patterns.items():
         if not any(regex.fullmatch(name) for name in layer_names):
             raise ValueError(
@@ -103,9 +123,9 @@ def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "refere
     table = RuleTable()
     for name in layer_names:
         pattern = next((p for p, regex in patterns.items() if regex.fullmatch(name)), None)
-        if pattern is None and name != LM_HEAD and DEFAULT in rules:
+        if pattern is None and name != LM_HEAD and DEFAULT in rule_set.settings:
             pattern = DEFAULT
-        rule = settings.get(pattern)
+        rule = rule_set.settings.get(pattern)
         if rule is None:
             x_flip, w_flip, seeds = TensorFlip(), TensorFlip(), (0, 0, 0, 0)
         else:
@@ -116,15 +136,15 @@ def match_rules(layer_names: list[str], rules: Mapping, seed_mode: str = "refere
     return table
 
 
-def parse_rules(rules: Mapping) -> tuple[dict, dict[str, re.Pattern]]:
-    """``(settings, patterns)``: each rule's ``(x_flip, w_flip, seeds)`` (None: skip) and each
-    pattern but ``default`` compiled. Raises ``ValueError`` as ``match_rules`` does, less the
-    check that needs the layer names."""
+def parse_rules(rules: Mapping) -> RuleSet:
+    """The rules checked and parsed: each rule's ``(x_flip, w_flip, seeds)`` (None: skip) and
+    each pattern but ``default`` compiled. Raises ``ValueError`` as ``match_rules`` does, less
+    the check that needs the layer names."""
     if not isinstance(rules, Mapping):
         raise ValueError(f"bitflip rules must be a mapping from layer-name regex to settings, got {type(rules).__name__}")
     settings = {pattern: _parse_rule(pattern, rule) for pattern, rule in rules.items()}
     patterns = {pattern: _compile(pattern) for pattern in rules if pattern != DEFAULT}
-    return settings, patterns
+    return RuleSet(settings, patterns)
 
 
 def _compile(pattern) -> re.Pattern:
@@ -136,7 +156,7 @@ def _compile(pattern) -> re.Pattern:
         raise ValueError(f"bitflip rule {pattern!r} is not a valid regex: {error}") from None
 
 
-def _parse_rule(pattern: str, rule) -> tuple[TensorFlip, TensorFlip, tuple[int, int, int, int]] | None:
+def _parse_rule(pattern: str, rule) -> Rule:
     """``(x_flip, w_flip, seeds)`` of one rule, or None for a rule that skips its layers."""
     if rule is None:
         return None
@@ -145,25 +165,10 @@ def _parse_rule(pattern: str, rule) -> tuple[TensorFlip, TensorFlip, tuple[int, 
     unknown = sorted(set(rule) - set(RULE_KEYS), key=str)
     if unknown:
         raise ValueError(f"bitflip rule {pattern!r} has unknown key(s) {unknown}; allowed keys: {', '.join(RULE_KEYS)}")
-    halves = {key: _checked(pattern, flip_halves, key, rule.get(key)) for key in PROBABILITY_KEYS}
-    thresholds = {key: _threshold(pattern, key, rule.get(key)) for key in THRESHOLD_KEYS}
-    seeds = tuple(_checked(pattern, check_seed, key, rule.get(key, 0)) for key in SEED_NAMES)
-    x_flip = TensorFlip(halves["x_p_exp"], halves["x_p_frac"], thresholds["x_zero_out_t"])
-    w_flip = TensorFlip(halves["w_p_exp"], halves["w_p_frac"], thresholds["w_zero_out_t"])
-    return x_flip, w_flip, seeds
-
-
-def _threshold(pattern: str, key: str, t) -> float | None:
-    if t is None:
-        return None
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t) or t < 0:
-        raise ValueError(f"bitflip rule {pattern!r}: {key} must be a number >= 0 or None, got {t!r}")
-    return float(t)
-
-
-def _checked(pattern: str, check, key: str, value):
-    """``check(key, value)`` (a ``jaxflip.kernels_pallas.limits`` check), its error naming the rule."""
     try:
-        return check(key, value)
+        x_flip, w_flip = (TensorFlip.from_probabilities(rule.get(f"{t}_p_exp"), rule.get(f"{t}_p_frac"),
+                                                        rule.get(f"{t}_zero_out_t"), name=f"{t}_") for t in "xw")
+        seeds = tuple(check_seed(key, rule.get(key, 0)) for key in SEED_NAMES)
     except ValueError as error:
         raise ValueError(f"bitflip rule {pattern!r}: {error}") from None
+    return x_flip, w_flip, seeds

@@ -12,7 +12,7 @@ import argparse
 import re
 import sys
 
-from jaxflip.cli import exit_status
+from jaxflip.cli import exit_status, quiet_reported_os_faults
 from jaxflip.convert import hf_orbax, titan_orbax
 from jaxflip.models.checkpoint_folder import DestinationExistsError
 from jaxflip.models.flavors import FLAVORS
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status: 0, or after an ``error:`` line 2 for bad input and 1
     for a fault of the environment (disk full, permissions)."""
     args = build_parser().parse_args(argv)
+    quiet_reported_os_faults()  # a full disk is the error's one line, not Orbax's tracebacks first
     try:
         summary = run(args)
     except DestinationExistsError as error:

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer, write_aside
-from jaxflip.models.config import config_from_hf
 from jaxflip.models.flavors import get_flavor
 from jaxflip.models.hf_io import hf_config_dict, special_token_ids
+from jaxflip.models.llama_config import config_from_hf
 from jaxflip.models.named_params import check_floating, check_params, expected_params
 from jaxflip.models.orbax_io import DEFAULT_SHARD_BYTES, CheckpointSource, CheckpointWriter, tokenizer_path
-from jaxflip.models.tensor_io import ConversionError, Progress, numpy_to_torch, resolve_dtype
+from jaxflip.models.tensor_io import ConversionError, Progress, resolve_dtype
 from jaxflip.models.titan_io import (KEY_NAMES, flavor_from_shapes, halves_to_interleaved, hf_name, interleaved_to_halves,
-                                     open_titan, rotary_heads, single_process, titan_name)
+                                     open_titan, rotary_heads, titan_name, write_dcp)
 
 
 def titan_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, flavor: str | None = None,
@@ -78,10 +78,6 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
     (``torchtitan``: 0.3, ``legacy``: NewComputeBench's), with the model's HF ``config.json``
     and the checkpoint's tokenizer files beside them, so that ``titan_to_orbax`` (or a
     torchtitan job's ``hf_assets_path``) reads the folder alone. Returns the summary line."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-
     if key_names not in KEY_NAMES:
         raise ConversionError(f"key names must be one of {', '.join(KEY_NAMES)}, got {key_names!r}")
     source = CheckpointSource(src, merge_lora=merge_lora)
@@ -93,10 +89,8 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
     if llama.tie_word_embeddings:
         # torchtitan's state dict names the tied head too (the same tensor as the embedding)
         hf_names[titan_name("lm_head.weight", key_names)] = "model.embed_tokens.weight"
-    torch_dtype = numpy_to_torch(np.zeros(0, out_dtype)).dtype
-    layout = {name: torch.empty(source.shapes[hf], dtype=torch_dtype, device="meta") for name, hf in hf_names.items()}
 
-    def read(name: str):
+    def read(name: str) -> np.ndarray:
         hf = hf_names[name]
         array = source.read(hf)
         heads = rotary_heads(hf, llama)
@@ -104,19 +98,11 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
             array = halves_to_interleaved(array, heads)
         array = array.astype(out_dtype, copy=False)
         progress.update(array)
-        return numpy_to_torch(array)
-
-    class StreamingPlanner(DefaultSavePlanner):
-        """Plans from the shapes alone (meta tensors); each tensor is read when DCP writes it."""
-
-        def resolve_data(self, write_item):
-            return read(write_item.index.fqn)
+        return array
 
     with (Progress(len(hf_names), f"orbax-to-titan {out_dtype}") as progress,
-          write_aside(dst, overwrite=overwrite) as staging, single_process()):
-        # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed
-        writer = dcp.FileSystemWriter(staging, single_file_per_rank=False, thread_count=1)
-        dcp.save(layout, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
+          write_aside(dst, overwrite=overwrite) as staging):
+        write_dcp(staging, {name: source.shapes[hf] for name, hf in hf_names.items()}, out_dtype, read)
         hf_config = hf_config_dict(llama, out_dtype) | special_token_ids(tokenizer_path(src))
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_path(src) is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxflip.data.builtin import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
+from jaxflip.data.builtin_corpus import BUILTIN_NAME, builtin_documents, builtin_tokenizer_dir
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # suffixes that make a dataset name a file path, never a hub dataset id

@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxflip.bitflip.rules_file import load_bitflip_config
+from jaxflip.bitflip.rules_file import read_bitflip_config
 from jaxflip.cli import exit_status
-from jaxflip.eval import generation, lm_eval_run, perplexity, profile
+from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile
 from jaxflip.eval.report import check_output_path, write_json
-from jaxflip.models.config import DTYPES
+from jaxflip.models.llama_config import DTYPES
 
 COMMANDS = {
     "ppl": (perplexity, "cross-entropy and perplexity, clean and under bitflip"),
     "profile": (profile, "|x| and |W| percentiles of the Linear layers; zero-out thresholds"),
-    "generate": (generation, "continue a prompt, streaming the text"),
+    "generate": (generate_cli, "continue a prompt, streaming the text"),
     "lm-eval": (lm_eval_run, "lm-eval tasks through the JAX or the torch path"),
 }
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # every argument is checked before the model is opened
         module.check_arguments(args)
-        if args.bitflip_config is not None:
-            load_bitflip_config(args.bitflip_config)  # its rules' settings; their layers once the model is open
+        # the settings, read and checked once here (their layers once the model is open)
+        args.bitflip = read_bitflip_config(args.bitflip_config) if args.bitflip_config is not None else None
         if args.output is not None:
             check_output_path(args.output)
         payload = module.run(args)

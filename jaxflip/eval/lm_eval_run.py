@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
+from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks"
 BACKENDS = ("jax", "torch")
@@ -64,7 +64,8 @@ def check_arguments(args) -> None:
 
 def language_model(args, model, tokenizer, bitflip):
     """The lm-eval ``LM`` of the chosen backend, flipping as ``bitflip`` (already applied to the
-    Flax model) says."""
+    Flax model) says. Imported here: lm-eval and torch are optional (the ``eval`` extra), and
+    the other commands run without them."""
     if args.backend == "jax":
         from jaxflip.eval.lm_eval_jax import JaxLM
 
@@ -76,7 +77,7 @@ def language_model(args, model, tokenizer, bitflip):
 
     hf_model = hf_torch_model(model)
     if bitflip is not None:
-        transform_model(hf_model, bitflip.rules, bitflip.seed_mode, bitflip.base_seed)
+        transform_model(hf_model, bitflip.table)
     return HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length)
 
 
@@ -84,7 +85,7 @@ def run(args) -> dict:
     import lm_eval
     from lm_eval.utils import make_table
 
-    if args.backend == "torch":  # before JAX loads the checkpoint and starts its GPU backend
+    if args.backend == "torch":  # before JAX loads the checkpoint and starts its GPU backend (torch: optional)
         from jaxflip.torch_bridge import leave_gpu_to_torch
 
         leave_gpu_to_torch()
@@ -93,7 +94,9 @@ def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype, shard=args.backend == "jax")
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     # rules are resolved (and checked) on the Flax model; the torch one has the same layer names
-    bitflip = apply_bitflip_config(model, args.bitflip_config) if args.bitflip_config else None
+    bitflip = resolve_bitflip(model, args)
+    if bitflip is not None:
+        bitflip.apply(model)
     lm = language_model(args, model, tokenizer, bitflip)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.simple_evaluate(model=lm, tasks=args.task_list, num_fewshot=args.num_fewshot, limit=limit,

@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxflip.data import BUILTIN_NAME, evaluation_windows
-from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer, resolve_bitflip_config
+from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import on_model_mesh
 
@@ -102,8 +102,7 @@ def check_arguments(args) -> None:
 
 def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
-    if args.bitflip_config is not None:
-        resolve_bitflip_config(model, args.bitflip_config)  # a rule that fits no layer fails before the clean pass
+    bitflip = resolve_bitflip(model, args)  # a rule that fits no layer fails before the clean pass
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
     windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
                                  text_field=args.text_field, seq_len=resolve_seq_len(args, model),
@@ -113,8 +112,8 @@ def run(args) -> dict:
     rows = [] if args.bitflip_only else [perplexity(model, windows, args.batch_size, "clean")]
     payload = {"command": "ppl", "checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                "seq_len": args.seq_len, "batch_size": args.batch_size}
-    if args.bitflip_config is not None:
-        bitflip = apply_bitflip_config(model, args.bitflip_config)
+    if bitflip is not None:
+        bitflip.apply(model)
         rows.append(perplexity(model, windows, args.batch_size, "bitflip"))
         payload["bitflip"] = bitflip.summary()
     payload["rows"] = [asdict(row) for row in rows]

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxflip.bitflip import LM_HEAD, BitFlipLinear, named_linears, replace_module
 from jaxflip.data import evaluation_windows
-from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip_config
+from jaxflip.eval.model_io import BitflipSetup, open_model, open_tokenizer, resolve_bitflip
 from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, resolve_seq_len
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import mesh_context, model_mesh
@@ -110,13 +110,12 @@ def in_forward_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def eligible_layers(model, bitflip_config: str | None) -> list[str]:
+def eligible_layers(model, bitflip: BitflipSetup | None) -> list[str]:
     """The layers a bitflip config flips (without one, every Linear but the LM head: the
     layers NewComputeBench flips), in forward order."""
-    names = list(named_linears(model))
-    if bitflip_config is None:
-        return in_forward_order([name for name in names if name != LM_HEAD])
-    return in_forward_order([row.layer for row in resolve_bitflip_config(model, bitflip_config).table if row.flipped])
+    if bitflip is None:
+        return in_forward_order([name for name in named_linears(model) if name != LM_HEAD])
+    return in_forward_order([row.layer for row in bitflip.table if row.flipped])
 
 
 def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int) -> dict[str, dict[str, Accumulator]]:
@@ -191,7 +190,7 @@ def run(args) -> dict:
     windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
                                  text_field=args.text_field, seq_len=resolve_seq_len(args, model),
                                  num_sequences=args.num_sequences)
-    layers = eligible_layers(model, args.bitflip_config)
+    layers = eligible_layers(model, resolve_bitflip(model, args))
     stats = profile_model(model, windows, layers, args.batch_size)
     totals = {kind: overall(per_layer) for kind, per_layer in stats.items()}
     thresholds = {kind: suggested_threshold(total.maximum) for kind, total in totals.items()}

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxflip.models.config import LlamaConfig
 from jaxflip.models.llama import Embedding, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm, lm_head_linear
+from jaxflip.models.llama_config import LlamaConfig
 from jaxflip.models.sharding import state_shardings
 
 

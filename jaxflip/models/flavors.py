@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
+from jaxflip.models.llama_config import Llama3RopeScaling, LlamaConfig
 
 
 def torchtitan_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -28,8 +28,8 @@ from jax.sharding import Mesh
 from jaxflip.bitflip import LM_HEAD, BitflipSeed
 from jaxflip.data.sources import hub_failure
 from jaxflip.models.checkpoint_folder import has_tokenizer
-from jaxflip.models.config import LlamaConfig, config_from_hf
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.llama_config import LlamaConfig, config_from_hf
 from jaxflip.models.named_params import check_floating, check_params, expected_params
 from jaxflip.models.safetensors_io import SafetensorsSource
 from jaxflip.models.sharding import array_from_device_slices, state_shardings

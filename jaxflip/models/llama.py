@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxflip.bitflip import BitFlipLinear
 from jaxflip.kernels_pallas.random_bitflip import FLIPPED_NAME, KEEP_NAME
-from jaxflip.models.config import LlamaConfig
-from jaxflip.models.sharding import constrain
+from jaxflip.models.llama_config import LlamaConfig
+from jaxflip.models.sharding import constrain, context_sharding
 
 embedding_init = nnx.initializers.normal(stddev=0.02)  # HF Llama's initializer_range
 HIDDEN_AXES = ("batch", "length", "activation_embed")  # (B, T, D) between and inside layers
@@ -121,7 +121,8 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(config: LlamaConfig, in_features: int, out_features: int, axes, use_bias: bool, rngs) -> BitFlipLinear:
-    return BitFlipLinear(in_features, out_features, use_bias=use_bias, axes=axes,
+    # context_sharding: each Linear flips its tensors on their shards of the mesh in context
+    return BitFlipLinear(in_features, out_features, use_bias=use_bias, axes=axes, layout=context_sharding,
                          param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
 
 

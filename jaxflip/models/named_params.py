@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.bitflip import add_lora, named_linears
-from jaxflip.models.config import LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.llama_config import LlamaConfig
 
 LORA_FACTORS = ("lora_A", "lora_B")  # name endings of a LoRA adapter's parameters
 

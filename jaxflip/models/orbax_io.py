@@ -19,9 +19,10 @@ just those rows of the safetensors file), and ``load`` reads each device's slice
 alone. Version 2 checkpoints (no ``large_params/``) read as before.
 
 ``save`` and the converters write into a sibling temporary folder and rename it into place
-(``checkpoint_folder.write_aside``), so PATH is either absent or complete. ``load`` rebuilds the model abstractly (no random initialisation) and restores each
-parameter straight into its place, sharded when a mesh is given. Bitflip settings and seeds are
-not part of the model: rules are applied after loading.
+(``checkpoint_folder.write_aside``), so PATH is either absent or complete. ``load`` rebuilds
+the model abstractly (no random initialisation) and restores each parameter straight into its
+place, sharded when a mesh is given. Bitflip settings and seeds are not part of the model:
+rules are applied after loading.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from jax.sharding import Mesh
 from jaxflip.bitflip import BitFlipLoRALinear, named_linears
 from jaxflip.bitflip.lora import merged_weight
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, write_aside
-from jaxflip.models.config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.llama import LlamaForCausalLM
+from jaxflip.models.llama_config import Llama3RopeScaling, LlamaConfig
 from jaxflip.models.named_params import (LORA_FACTORS, abstract_model, check_floating, check_params, expected_params,
                                          flat_params, param_state, short_list)
 from jaxflip.models.sharding import array_from_device_slices, state_shardings

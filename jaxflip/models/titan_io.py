@@ -1,7 +1,7 @@
 """torchtitan Llama checkpoints: their key names and RoPE row order, a DCP folder or
-``torch.save`` file opened as tensors (``open_titan``), and the flavor its shapes tell. The
-converters ``titan-to-orbax`` and ``orbax-to-titan`` (``jaxflip.convert.titan_orbax``) are
-built on these.
+``torch.save`` file opened as tensors (``open_titan``), the flavor its shapes tell, and a DCP
+folder written tensor by tensor (``write_dcp``). The converters ``titan-to-orbax`` and
+``orbax-to-titan`` (``jaxflip.convert.titan_orbax``) are built on these.
 
 A torchtitan checkpoint is a ``torch.distributed.checkpoint`` (DCP) folder (``.metadata`` and
 ``__R_0.distcp`` files, e.g. ``outputs/checkpoint/step-1000``) or a ``torch.save`` file of its
@@ -34,14 +34,15 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from jaxflip.models.config import LlamaConfig
 from jaxflip.models.flavors import FLAVORS
+from jaxflip.models.llama_config import LlamaConfig
 from jaxflip.models.tensor_io import (ConversionError, TensorSource, TorchFileSource, load_torch_file, numpy_dtype,
-                                      torch_to_numpy)
+                                      numpy_to_torch, torch_to_numpy)
 
 KEY_NAMES = ("torchtitan", "legacy")  # torchtitan 0.3's, and NewComputeBench's older torchtitan's
 # HF name (layer index as {}) -> (torchtitan 0.3 name, legacy name)
@@ -254,3 +255,26 @@ def flavor_from_shapes(shapes: dict[str, tuple]) -> str:
         raise ConversionError(f"the shapes (vocab {vocab}, dim {hidden}, {found[3]} layers, ffn {found[2]}) match {what}; "
                               f"pass --flavor or --config")
     return matches[0]
+
+
+def write_dcp(folder: Path, shapes: dict[str, tuple], dtype: str, read: Callable[[str], np.ndarray]) -> None:
+    """Write a DCP folder (no process group) of the tensors named in ``shapes``, all of
+    ``dtype``: DCP plans from the shapes alone (meta tensors) and asks ``read(name)`` for each
+    tensor as it writes it."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    torch_dtype = numpy_to_torch(np.zeros(0, dtype)).dtype
+    layout = {name: torch.empty(shape, dtype=torch_dtype, device="meta") for name, shape in shapes.items()}
+
+    class StreamingPlanner(DefaultSavePlanner):
+        """Plans from the shapes alone (meta tensors); each tensor is read when DCP writes it."""
+
+        def resolve_data(self, write_item):
+            return numpy_to_torch(read(write_item.index.fqn))
+
+    with single_process():
+        # one file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed
+        writer = dcp.FileSystemWriter(folder, single_file_per_rank=False, thread_count=1)
+        dcp.save(layout, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)

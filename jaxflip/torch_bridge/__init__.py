@@ -10,6 +10,7 @@ An ``XLA_PYTHON_CLIENT_PREALLOCATE`` already in the environment is kept, and
 """
 
 import os
+import warnings
 
 
 def leave_gpu_to_torch() -> None:
@@ -21,8 +22,17 @@ def leave_gpu_to_torch() -> None:
 
 leave_gpu_to_torch()
 
-from jaxflip.torch_bridge.functional import RandomBitflipFunction, random_bitflip  # noqa: E402
+from jaxflip.torch_bridge.functional import RandomBitflipFunction, random_bitflip_fn  # noqa: E402
 from jaxflip.torch_bridge.layers import RandomBitFlipLinear  # noqa: E402
 from jaxflip.torch_bridge.transform import transform_model  # noqa: E402
 
-__all__ = ["RandomBitFlipLinear", "RandomBitflipFunction", "leave_gpu_to_torch", "random_bitflip", "transform_model"]
+__all__ = ["RandomBitFlipLinear", "RandomBitflipFunction", "leave_gpu_to_torch", "random_bitflip_fn", "transform_model"]
+
+
+def __getattr__(name):
+    # the torch function was named random_bitflip, as the JAX op is; its name is now mase-triton's
+    if name == "random_bitflip":
+        warnings.warn("jaxflip.torch_bridge.random_bitflip is deprecated: use random_bitflip_fn (mase-triton's "
+                      "name; jaxflip.random_bitflip is the JAX op)", DeprecationWarning, stacklevel=2)
+        return random_bitflip_fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

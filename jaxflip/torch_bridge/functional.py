@@ -1,4 +1,4 @@
-"""``random_bitflip`` on torch tensors: jaxflip's op run by JAX on the tensor's own memory.
+"""``random_bitflip_fn`` on torch tensors (mase-triton's name; ``jaxflip.random_bitflip`` is the JAX op): jaxflip's op run by JAX on the tensor's own memory.
 
 Tensors cross between torch and JAX through DLPack, which shares the buffer (no copy on GPU
 or CPU), so a torch model gets jaxflip's flips, bit for bit the flips of mase-triton's
@@ -13,8 +13,8 @@ from functools import partial
 import jax
 import torch
 
+from jaxflip.bitflip import check_seed
 from jaxflip.kernels_pallas import random_bitflip as jax_random_bitflip
-from jaxflip.kernels_pallas.limits import check_seed
 from jaxflip.kernels_pallas.random_bitflip import advance_seed
 
 
@@ -62,7 +62,7 @@ class RandomBitflipFunction(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def random_bitflip(x: torch.Tensor, exp_halves: int | None, frac_halves: int | None, seed_exp: int, seed_frac: int,
+def random_bitflip_fn(x: torch.Tensor, exp_halves: int | None, frac_halves: int | None, seed_exp: int, seed_frac: int,
                    zero_out_threshold: float | None) -> tuple[torch.Tensor, int, int]:
     """``mase_triton.random_bitflip.functional.random_bitflip_fn``'s signature and results:
     ``(y, next_seed_exp, next_seed_frac)``, differentiable in ``x``. Seeds must lie in

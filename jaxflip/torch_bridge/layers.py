@@ -3,15 +3,17 @@ jaxflip through the DLPack bridge.
 
 Same constructor arguments, attributes (``x_nearest_exp_halves``, ``x_seed_exp``, ...),
 ``from_linear`` and seed behaviour: each tensor whose three settings are not all None is
-flipped at every call and its seeds advance; the bias is not flipped.
+flipped at every call and its seeds advance; the bias is not flipped. ``configure`` sets the
+flips from ``TensorFlip``s (halves), as ``jaxflip.bitflip.BitFlipLinear.configure`` does.
 """
 
 from __future__ import annotations
 
 import torch
 
-from jaxflip.kernels_pallas import calculate_flip_probability, find_nearest_prob_n_halves
-from jaxflip.torch_bridge.functional import random_bitflip
+from jaxflip.bitflip import TensorFlip, calculate_flip_probability
+from jaxflip.bitflip.seeds import SEED_NAMES
+from jaxflip.torch_bridge.functional import random_bitflip_fn
 
 
 class RandomBitFlipLinear(torch.nn.Linear):
@@ -22,30 +24,40 @@ class RandomBitFlipLinear(torch.nn.Linear):
                  w_p_exp: float | None, w_p_frac: float | None, w_zero_out_t: float | None,
                  x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0, w_seed_frac: int = 0) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.x_p_exp, self.x_p_frac, self.x_zero_out_t = x_p_exp, x_p_frac, x_zero_out_t
-        self.x_nearest_exp_halves = find_nearest_prob_n_halves(x_p_exp)
-        self.x_nearest_frac_halves = find_nearest_prob_n_halves(x_p_frac)
-        self.x_seed_exp, self.x_seed_frac = x_seed_exp, x_seed_frac
-        self.w_p_exp, self.w_p_frac, self.w_zero_out_t = w_p_exp, w_p_frac, w_zero_out_t
-        self.w_nearest_exp_halves = find_nearest_prob_n_halves(w_p_exp)
-        self.w_nearest_frac_halves = find_nearest_prob_n_halves(w_p_frac)
-        self.w_seed_exp, self.w_seed_frac = w_seed_exp, w_seed_frac
+        self.configure(TensorFlip.from_probabilities(x_p_exp, x_p_frac, x_zero_out_t, name="x_"),
+                       TensorFlip.from_probabilities(w_p_exp, w_p_frac, w_zero_out_t, name="w_"),
+                       (x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac))
+        # mase-triton keeps the probabilities as given (configure sets the snapped 0.5 ** halves)
+        self.x_p_exp, self.x_p_frac, self.w_p_exp, self.w_p_frac = x_p_exp, x_p_frac, w_p_exp, w_p_frac
+
+    def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0)):
+        """Flip the input and the weight as ``x_flip`` and ``w_flip`` say (their halves kept as
+        they are), from starting seeds ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
+        for prefix, flip in (("x", x_flip), ("w", w_flip)):
+            setattr(self, f"{prefix}_nearest_exp_halves", flip.exp_halves)
+            setattr(self, f"{prefix}_nearest_frac_halves", flip.frac_halves)
+            setattr(self, f"{prefix}_zero_out_t", flip.zero_out_t)
+            setattr(self, f"{prefix}_p_exp", calculate_flip_probability(flip.exp_halves))
+            setattr(self, f"{prefix}_p_frac", calculate_flip_probability(flip.frac_halves))
+        for name, seed in zip(SEED_NAMES, seeds):
+            setattr(self, name, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, self.x_seed_exp, self.x_seed_frac = random_bitflip(
+        x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
             x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
             self.x_zero_out_t)
-        w, self.w_seed_exp, self.w_seed_frac = random_bitflip(
+        w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
             self.weight, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
             self.w_zero_out_t)
         return torch.nn.functional.linear(x, w, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, x_p_exp: float | None, x_p_frac: float | None,
-                    x_zero_out_t: float | None, w_p_exp: float | None, w_p_frac: float | None,
-                    w_zero_out_t: float | None, x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0,
+    def from_linear(cls, linear: torch.nn.Linear, x_p_exp: float | None = None, x_p_frac: float | None = None,
+                    x_zero_out_t: float | None = None, w_p_exp: float | None = None, w_p_frac: float | None = None,
+                    w_zero_out_t: float | None = None, x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0,
                     w_seed_frac: int = 0) -> RandomBitFlipLinear:
-        """A bitflip layer holding a copy of ``linear``'s weight and bias."""
+        """A bitflip layer holding a copy of ``linear``'s weight and bias (settings left out: no
+        flips, until ``configure``)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                     linear.weight.dtype, x_p_exp=x_p_exp, x_p_frac=x_p_frac, x_zero_out_t=x_zero_out_t,
                     w_p_exp=w_p_exp, w_p_frac=w_p_frac, w_zero_out_t=w_zero_out_t, x_seed_exp=x_seed_exp,

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from jaxflip.data.sources import HubUnavailableError
-from jaxflip.train.config import ConfigError, load_config, to_dict
+import jax
+
+from jaxflip.cli import os_error_code
+from jaxflip.data.sources import DataError, HubUnavailableError
+from jaxflip.train.checkpoint_manager import CheckpointError
+from jaxflip.train.loop import NonFiniteError, derived_numbers, run
 from jaxflip.train.metrics import MissingPackageError
+from jaxflip.train.plan import DEFAULT_SCENARIOS, Scenario, format_plan, plan
+from jaxflip.train.setup import mesh_mismatch
+from jaxflip.train.train_config import ConfigError, load_config, to_dict
 
 QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
 
@@ -28,10 +36,6 @@ QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.toml"
 def enable_compilation_cache() -> None:
     """Reuse XLA compilations across runs (a resumed run skips the minute the CPU spends
     compiling every flip site's Philox); ``JAXFLIP_COMPILATION_CACHE=""`` turns it off."""
-    import os
-
-    import jax
-
     directory = os.environ.get("JAXFLIP_COMPILATION_CACHE", str(Path.home() / ".cache" / "jaxflip" / "xla"))
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
@@ -47,35 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", nargs="?", const=True, metavar="GPUSxGB,...",
                         help="print the memory per device on N GPUs of G GB each and exit (default: 2x141,4x80,8x80)")
     args, overrides = parser.parse_known_args(argv)
-    from jaxflip.cli import os_error_code
-    from jaxflip.data.sources import DataError
-    from jaxflip.train.checkpointing import CheckpointError
-    from jaxflip.train.loop import NonFiniteError
-
     try:
         if args.config is None:
             args.config = QUICKSTART
         config = load_config(args.config, overrides)
         if args.plan:
-            from jaxflip.train.plan import DEFAULT_SCENARIOS, Scenario, format_plan, plan
-
             scenarios = Scenario.parse_list(DEFAULT_SCENARIOS if args.plan is True else args.plan)
             plans = plan(config, scenarios)
             print(format_plan(config, plans))
             print("plan: " + json.dumps([p.summary() for p in plans]))
             return 0
         if args.print_config:
-            import jax
-
-            from jaxflip.train.loop import derived_numbers
-            from jaxflip.train.setup import mesh_mismatch
-
             print(json.dumps(to_dict(config) | {"derived": derived_numbers(config)}, indent=1, default=str))
             if (mismatch := mesh_mismatch(config, jax.device_count())) is not None:
                 print(f"warning: training would stop at once: {mismatch}", file=sys.stderr)
             return 0
-        from jaxflip.train.loop import run
-
         enable_compilation_cache()
         summary = run(config)
     except (ConfigError, DataError) as error:  # bad input

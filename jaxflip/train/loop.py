@@ -4,7 +4,10 @@ Everything a run writes goes under ``[job] output_dir``: ``config.json`` (resolv
 ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` + ``data_state/``, ``loss.png`` and, at
 the end, ``model/`` (a ``jaxflip.models`` checkpoint that eval and the converters read).
 Running the same command again resumes from the latest checkpoint; ``--job.start_over true``
-discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly.
+discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly. A
+non-finite loss or gradient stops the run before it is saved (``NonFiniteError``), or, up to
+``training.skip_nonfinite`` times (skips before a resume count), skips the step (no update;
+``make_train_step``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import jax
 import numpy as np
 
 from jaxflip.data.pipeline import BatchStream, StreamSpec
+from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
+from jaxflip.models import get_flavor, save
 from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
-from jaxflip.train.checkpointing import Checkpointer, remove_run_state
-from jaxflip.train.config import TrainConfig, resume_changes, to_dict
+from jaxflip.train.checkpoint_manager import Checkpointer, remove_run_state
+from jaxflip.train.train_config import TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
@@ -32,8 +37,6 @@ from jaxflip.train.validation import Validator, due, format_validation
 
 def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dict:
     """What the config implies: parameters, tokens per step, steps for the token budget."""
-    from jaxflip.models import get_flavor
-
     t = config.training
     devices = device_count or jax.device_count()
     changes = {"vocab_size": config.model.vocab_size} if config.model.vocab_size else {}
@@ -51,19 +54,25 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm is NaN or infinite: training stops before saving it."""
 
 
-def check_finite(step: int, metrics: dict, checkpointer: Checkpointer | None) -> None:
+def non_finite(metrics: dict) -> str:
+    """``loss nan, grad_norm inf``: the loss and gradient norm that are NaN or infinite; "" if none."""
+    return ", ".join(f"{name} {float(metrics[name])}" for name in ("loss", "grad_norm")
+                     if not math.isfinite(float(metrics[name])))
+
+
+def check_finite(step: int, metrics: dict, checkpointer: Checkpointer | None, skipped: int = 0) -> None:
     """Raise ``NonFiniteError`` (one line naming the step and the checkpoint kept) when
     ``metrics`` hold a non-finite loss or gradient norm. Checked wherever the loss is fetched
     anyway and before every save, so that no checkpoint or export holds such a state (a NaN,
-    once in the weights, stays there)."""
-    bad = {name: float(metrics[name]) for name in ("loss", "grad_norm") if not math.isfinite(float(metrics[name]))}
-    if not bad:
+    once in the weights, stays there). ``skipped``: the non-finite steps skipped before."""
+    values = non_finite(metrics)
+    if not values:
         return
     kept = checkpointer.latest_step() if checkpointer is not None else None
-    values = ", ".join(f"{name} {value}" for name, value in bad.items())
     where = f"the last checkpoint (step {kept}) is finite and stays" if kept is not None else "no checkpoint is kept"
-    raise NonFiniteError(f"step {step}: {values}; training stopped before saving it ({where}); lower training.lr, "
-                         f"set the bitflip zero-out thresholds, or clip with training.max_norm")
+    after = f" after {skipped} skipped (training.skip_nonfinite)" if skipped else ""
+    raise NonFiniteError(f"step {step}: {values}{after}; training stopped before saving it ({where}); lower "
+                         f"training.lr, set the bitflip zero-out thresholds, or clip with training.max_norm")
 
 
 def check_resume_config(config: TrainConfig, output_dir: Path) -> list[str]:
@@ -153,6 +162,8 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
             print(f"resumed from step {latest} ({checkpointer.directory})", flush=True)
             if changes:
                 print(f"changed since the checkpoint: {'; '.join(changes)}", flush=True)
+    # steps skipped for a non-finite loss (training.skip_nonfinite): run but not counted in state.step
+    skipped = start - int(state.step)
     if main_process:
         resolved = to_dict(config) | {"derived": derived_numbers(config)}
         (output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
@@ -205,13 +216,23 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
                 first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
                 log_step = first or step % t.log_freq == 0 or step == t.steps or stop.requested
-                if log_step or saving:  # the loss is fetched (a host sync) only where it is logged or saved
+                # the loss is fetched (a host sync) where it is logged or saved, and at every step
+                # that may have to be counted as skipped
+                if log_step or saving or t.skip_nonfinite:
                     metrics = jax.device_get(metrics)
-                    check_finite(step, metrics, checkpointer)
+                    values = non_finite(metrics)
+                    if values and skipped < t.skip_nonfinite:
+                        skipped += 1  # the step applied no update (make_train_step)
+                        logger.log({"step": step, "skipped": values, "skipped_steps": skipped})
+                        show(f"step {step}: {values}; skipped, no update ({skipped} of at most "
+                             f"{t.skip_nonfinite}, training.skip_nonfinite)")
+                        log_step = False
+                    else:
+                        check_finite(step, metrics, checkpointer, skipped)
                 if log_step:
                     now = time.perf_counter()
                     tokens_per_s = None if first else (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                    record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
+                    record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - skipped - 1)),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
                               "mfu": tokens_per_s * flops / (peak * devices) if peak and not first else None,
                               "memory_gib": device_memory_gib(), "unix_time": time.time()}
@@ -270,9 +291,6 @@ def export_model(graphdef, state, output_dir: Path, model_tokenizer_dir, config:
     """The trained model as a ``jaxflip.models`` checkpoint at ``output_dir/model``, in the
     public layout (scanned layers unstacked). Export is the run's last use of the train state:
     each stacked array is freed once unstacked, so memory stays near one copy of the weights."""
-    from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
-    from jaxflip.models import save
-
     model = merge_model(graphdef, state.trainable, state.frozen, state.seeds)
     unstack_layers(model, delete_stacked=True)
     source = setup.tokenizer_source(config, model_tokenizer_dir)

@@ -57,7 +57,7 @@ from jaxflip.bitflip import BitFlipLinear, named_linears
 from jaxflip.models.scan import stack_layers
 from jaxflip.models.sharding import MESH_AXES, make_mesh
 from jaxflip.train import setup
-from jaxflip.train.config import ConfigError, TrainConfig
+from jaxflip.train.train_config import ConfigError, TrainConfig
 from jaxflip.train.step import TrainState, abstract_train_state, make_optimizer, split_model, state_sharding
 
 DEFAULT_SCENARIOS = "2x141,4x80,8x80"

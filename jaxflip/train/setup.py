@@ -10,13 +10,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules, named_linears
-from jaxflip.bitflip.rules_file import bitflip_section_to_rules
+from jaxflip.bitflip import BitflipSeed, LoRAParam, RuleTable, add_lora
 from jaxflip.data.sources import BUILTIN_TOKENIZER, load_tokenizer
 from jaxflip.models import LlamaForCausalLM, get_flavor, open_checkpoint
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh
-from jaxflip.train.config import ConfigError, TrainConfig, bitflip_section, check_positions
+from jaxflip.train.train_config import ConfigError, TrainConfig, check_positions
 
 
 def initialize_distributed(config: TrainConfig) -> None:
@@ -131,13 +130,9 @@ def abstract_model(config: TrainConfig, mesh: Mesh) -> LlamaForCausalLM:
     return model
 
 
-def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM):
+def apply_bitflip(config: TrainConfig, model: LlamaForCausalLM) -> RuleTable | None:
     """Configure the model's flips from ``[bitflip]``; returns the rule table (None when off)."""
-    if not config.bitflip.enable:
-        return None
-    rules, seed_mode, base_seed = bitflip_section_to_rules(bitflip_section(config),
-                                                           layer_names=list(named_linears(model)))
-    return apply_bitflip_rules(model, rules, seed_mode=seed_mode, base_seed=base_seed)
+    return config.bitflip.apply(model) if config.bitflip.enable else None
 
 
 def load_config_tokenizer(config: TrainConfig, model_tokenizer_dir, model: LlamaForCausalLM):

@@ -24,9 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxflip.bitflip import BitflipSeed, LoRAParam
+from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import stack_layers
 from jaxflip.models.sharding import OnMesh, logical_to_spec, state_shardings
-from jaxflip.train.config import TrainingConfig
+from jaxflip.train.train_config import TrainingConfig
 
 
 class TrainState(NamedTuple):
@@ -130,7 +131,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
                     batch_shard: NamedSharding):
     """``step(state, batch) -> (state, metrics)``, jitted, the state donated. ``batch``:
     int32 ``(gradient_accumulation_steps, global_batch, seq_len + 1)``. Traced and run on the
-    batch's mesh (``OnMesh``): activations constrained, each device flipping its own shards."""
+    batch's mesh (``OnMesh``): activations constrained, each device flipping its own shards.
+    With ``t.skip_nonfinite``, a step whose loss or gradient norm is not finite applies no update."""
     compute = jnp.dtype(t.mixed_precision_param)
     reduce = jnp.dtype(t.mixed_precision_reduce)
     grad_fn = jax.value_and_grad(functools.partial(forward_loss, graphdef, compute), has_aux=True)
@@ -149,6 +151,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, t: TrainingConfi
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / accumulation, "grad_norm": optax.tree.norm(grads)}
+        if t.skip_nonfinite:
+            # a non-finite loss or gradient applies no update: the weights, the optimizer state and
+            # both step counts stay (the loop counts skipped steps as its step minus state.step).
+            # The seeds advance all the same: the next step draws new flips (the same flips could
+            # make the same overflow again), and the flips of every later step are those of a run
+            # that did not skip
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+            def if_finite(updated, kept):
+                return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+
+            return TrainState(if_finite(state.step + 1, state.step), if_finite(trainable, state.trainable),
+                              state.frozen, seeds, if_finite(opt_state, state.opt_state)), metrics
         return TrainState(state.step + 1, trainable, state.frozen, seeds, opt_state), metrics
 
     jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
@@ -182,8 +197,6 @@ def flops_per_token(model_config, seq_len: int, lora: bool) -> float:
     """Matmul FLOPs per trained token (PaLM's estimate): 6 N for the weights (forward 2 N,
     backward 4 N; with LoRA the frozen weights get no gradient: 4 N) plus attention's
     12 L d T. N counts every Linear weight (LM head included, embedding lookup excluded)."""
-    from jaxflip.models.flavors import param_count
-
     n = param_count(model_config, exclude_embedding=True)
     if model_config.tie_word_embeddings:
         n += model_config.vocab_size * model_config.hidden_size

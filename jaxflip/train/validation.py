@@ -15,7 +15,7 @@ import math
 import jax
 
 from jaxflip.data import evaluation_windows
-from jaxflip.train.config import ConfigError, TrainConfig
+from jaxflip.train.train_config import ConfigError, TrainConfig
 from jaxflip.train.step import make_eval_step
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxflip.bitflip.rules_file import bitflip_section_to_rules, load_bitflip_config
+from jaxflip.bitflip import BitflipConfig
+from jaxflip.bitflip.rules_file import load_bitflip_config, read_bitflip_config
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
 SETTINGS = dict(x_p_exp=0.5**16, x_p_frac=0.5**10, x_zero_out_t=8192.0, w_p_exp=None, w_p_frac=0.5**16,
@@ -23,14 +24,18 @@ def test_rules_file_in_yaml_and_toml_reads_the_same(tmp_path):
     assert load_bitflip_config(tmp_path / "rules.toml") == expected
 
 
+def seeding(config: BitflipConfig) -> tuple[str, int]:
+    return config.resolved_seed_mode, config.resolved_base_seed
+
+
 def test_section_becomes_a_default_rule_with_substring_skips():
-    rules, seed_mode, base_seed = bitflip_section_to_rules(SETTINGS | {"base_seed": 5, "skip_patterns": ["mlp."]})
-    assert rules == {r".*mlp\..*": None, "default": SETTINGS}
-    assert (seed_mode, base_seed) == ("independent", 5)
+    config = BitflipConfig.from_mapping(SETTINGS | {"base_seed": 5, "skip_patterns": ["mlp."]})
+    assert config.rule_mapping() == {r".*mlp\..*": None, "default": SETTINGS}
+    assert seeding(config) == ("independent", 5)
 
 
 def test_section_without_base_seed_uses_reference_seeds():
-    assert bitflip_section_to_rules(SETTINGS)[1:] == ("reference", 0)
+    assert seeding(BitflipConfig.from_mapping(SETTINGS)) == ("reference", 0)
 
 
 def test_section_in_a_training_config_file(tmp_path):
@@ -46,17 +51,21 @@ def test_section_in_a_training_config_file(tmp_path):
 
 
 def test_disabled_section_flips_nothing():
-    assert bitflip_section_to_rules(SETTINGS | {"enable": False})[0] == {}
+    config = BitflipConfig.from_mapping(SETTINGS | {"enable": False})
+    assert config.rule_mapping() == {}
+    assert not any(row.flipped for row in config.match(LAYERS))
 
 
 def test_section_rules_replace_the_fields():
     regex_rules = {r"model\.layers\.0\..*": SETTINGS}
-    assert bitflip_section_to_rules({"rules": regex_rules, "w_p_exp": 0.5, "seed_mode": "reference"}) == (
-        regex_rules, "reference", 0)
+    config = BitflipConfig.from_mapping({"rules": regex_rules, "w_p_exp": 0.5, "seed_mode": "reference"})
+    assert (config.rule_mapping(), *seeding(config)) == (regex_rules, "reference", 0)
 
 
 @pytest.mark.parametrize("text, message", [
     ("[bitflip]\nw_p_exp = 0.1\nbogus = 1\n", r"unknown field\(s\) \['bogus'\]"),
+    ("[bitflip]\nx_p_frac = 1.5\n", r"bitflip.x_p_frac must be a probability in \(0, 1\)"),
+    ("'model\\.layers\\..*' = {x_zero_out_t = -2.0}\n", "bitflip rule 'model.*x_zero_out_t must be a number >= 0"),
     ("[bitflip]\nseed_mode = 'random'\n", "seed_mode must be one of"),
     ("[bitflip]\nbase_seed = -1\n", "base_seed must be an integer >= 0"),
     ("[bitflip]\nskip_patterns = ['']\n", "skip_patterns entries must be non-empty strings"),
@@ -66,5 +75,5 @@ def test_malformed_files_raise_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as error:
-        load_bitflip_config(path)
+        read_bitflip_config(path)
     assert str(error.value).startswith(f"{path}: ")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, save_hf_folder, tiny_hf_config
+from hf_models import (HF_FOLDER_KINDS, hf_logits, random_hf_folder, random_hf_model, random_tokens, relative_error,
+                       save_hf_folder, tiny_hf_config)
 from safetensors.numpy import load_file
 
 from jaxflip.convert.__main__ import main
@@ -33,14 +34,12 @@ def original_tensors(model) -> dict[str, np.ndarray]:
     return {name: torch_to_numpy(tensor) for name, tensor in state.items()}
 
 
-@pytest.fixture(scope="module", params=["single", "sharded", "tied"])
+@pytest.fixture(scope="module", params=HF_FOLDER_KINDS)
 def round_trip(request, tmp_path_factory):
     """An HF model -> hf-to-orbax -> orbax-to-hf, with fresh random weights."""
     rng = np.random.default_rng()
     folder = tmp_path_factory.mktemp(request.param)
-    hf_model = random_hf_model(tiny_hf_config(tie=request.param == "tied"), rng)
-    save_hf_folder(hf_model, folder / "hf", max_shard_size="60KB" if request.param == "sharded" else None)
-    assert (folder / "hf" / "model.safetensors.index.json").is_file() == (request.param == "sharded")
+    hf_model = random_hf_folder(request.param, folder / "hf", rng)
     assert main(["hf-to-orbax", str(folder / "hf"), str(folder / "orbax"), "--max-shard-size", "100KB"]) == 0
     assert main(["orbax-to-hf", str(folder / "orbax"), str(folder / "hf_back"), "--max-shard-size", "100KB"]) == 0
     return hf_model, folder, rng

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from flax import nnx
 from hf_models import relative_error
 from titan_models import titan_logits, titan_model
 
 from jaxflip.convert.__main__ import main
-from jaxflip.models import get_flavor, load
+from jaxflip.data import builtin_tokenizer_dir
+from jaxflip.models import LlamaForCausalLM, get_flavor, load, save
 from jaxflip.models.orbax_io import read_config, read_param, stored_params
 from jaxflip.models.titan_io import single_process
 
@@ -106,11 +108,6 @@ def test_a_written_dcp_folder_reads_back_alone(tmp_path):
     """The quickstart's model (aixsim-debug widths, the built-in tokenizer's 4096 tokens: no
     flavor has those shapes) -> orbax-to-titan -> titan-to-orbax with no flags: the config
     and the tokenizer travel beside the DCP files."""
-    from flax import nnx
-
-    from jaxflip.data import builtin_tokenizer_dir
-    from jaxflip.models import LlamaForCausalLM, save
-
     config = get_flavor(FLAVOR, vocab_size=4096)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(2**31))))
     save(model, tmp_path / "orbax", tokenizer_dir=builtin_tokenizer_dir())

@@ -10,12 +10,11 @@ import pytest
 import torch
 from mase_triton.random_bitflip.layers import RandomBitFlipLinear as MaseLinear
 
-from jaxflip.bitflip import match_rules
+from jaxflip.bitflip import calculate_flip_probability, match_rules
 from jaxflip.bitflip.rules_file import load_bitflip_config
 from jaxflip.data import load_tokenizer
 from jaxflip.eval.__main__ import main
 from jaxflip.data import evaluation_windows
-from jaxflip.kernels_pallas import calculate_flip_probability
 
 mase_reference.install_cpu_kernels()
 

@@ -4,7 +4,7 @@ import numpy as np
 from hf_models import flax_twin, random_hf_model, tiny_hf_config
 
 from jaxflip.data import builtin_tokenizer_dir
-from jaxflip.data.builtin import VOCAB_SIZE
+from jaxflip.data.builtin_corpus import VOCAB_SIZE
 from jaxflip.models import save
 
 

@@ -331,3 +331,64 @@ def test_an_eager_call_runs_compiled_within_2x_of_the_jitted_call():
     eager_y = flip(x)[0]
     np.testing.assert_array_equal(bits(eager_y), bits(jitted(x)))
     assert best_time(lambda x: flip(x)[0]) < 2 * best_time(jitted) + 0.01
+
+
+def test_eager_calls_of_one_configuration_trace_and_compile_the_flip_once(monkeypatch):
+    """New values and seeds (Python ints or JAX scalars) of the same configuration, shape and
+    dtype reuse the compiled flip: no trace after the first call."""
+    import importlib
+
+    module = importlib.import_module("jaxflip.kernels_pallas.random_bitflip")
+    traces = []
+    flip_forward = module._flip_forward
+
+    def counting_flip_forward(*args):
+        traces.append(args[2])
+        return flip_forward(*args)
+
+    monkeypatch.setattr(module, "_flip_forward", counting_flip_forward)
+    rng = np.random.default_rng()
+    threshold = float(rng.uniform(2, 40))  # a configuration no other test compiled
+    seeds = rng.integers(0, 2**30, size=(3, 2))
+    results = [jaxflip.random_bitflip(jnp.asarray(random_input(SHAPE, "float32", int(seed_exp))), 4, 7, seed_exp,
+                                      seed_frac, threshold)[0]
+               for seed_exp, seed_frac in ((int(seeds[0, 0]), int(seeds[0, 1])),
+                                           (int(seeds[1, 0]), int(seeds[1, 1])),
+                                           (jnp.int32(seeds[2, 0]), jnp.uint32(seeds[2, 1])))]
+    assert len(traces) == 1 and traces[0].threshold == threshold
+    assert not np.array_equal(bits(results[0]), bits(results[1]))  # the calls did run on their own inputs
+
+
+def test_an_eager_call_takes_within_2x_the_memory_of_the_jitted_call():
+    """Peak resident memory of a call on 2**22 float32 elements, after its first call: op by
+    op it was ~17x the input (a full-size array per primitive); compiled, about the output."""
+    import gc
+
+    def resident_kib(field: str) -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+    def peak_growth(call) -> int:
+        call().block_until_ready()  # compiles
+        gc.collect()
+        before = resident_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # the peak (VmHWM) starts again from the current resident size
+        y = call()
+        y.block_until_ready()
+        growth = (resident_kib("VmHWM") - before) * 1024
+        del y
+        return growth
+
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError as error:
+        pytest.skip(f"the peak resident size cannot be reset here ({error})")
+    x = jnp.asarray(random_input((2**22,), "float32", seed=int(np.random.default_rng().integers(1000))))
+    flip = partial(jaxflip.random_bitflip, exp_halves=3, frac_halves=2, seed_exp=5, seed_frac=9,
+                   zero_out_threshold=30.0, backend="jnp")
+    jitted = jax.jit(lambda x: flip(x)[0])
+    jitted_growth = peak_growth(lambda: jitted(x))
+    eager_growth = peak_growth(lambda: flip(x)[0])
+    assert eager_growth <= 2 * max(jitted_growth, x.nbytes), (eager_growth, jitted_growth)

@@ -3,20 +3,18 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import random_hf_model, random_tokens, save_hf_folder, tiny_hf_config
+from hf_models import HF_FOLDER_KINDS, random_hf_folder, random_tokens
 
 from jaxflip.models import open_checkpoint, save
 from jaxflip.models.hf_io import load_hf_model
 
 
-@pytest.fixture(scope="module", params=["single", "sharded", "tied"])
+@pytest.fixture(scope="module", params=HF_FOLDER_KINDS)
 def round_trip(request, tmp_path_factory):
     """An HF folder with fresh random weights, and the jaxflip checkpoint of the same model."""
     rng = np.random.default_rng()
     folder = tmp_path_factory.mktemp(request.param)
-    hf_model = random_hf_model(tiny_hf_config(tie=request.param == "tied"), rng)
-    save_hf_folder(hf_model, folder / "hf", max_shard_size="60KB" if request.param == "sharded" else None)
-    assert (folder / "hf" / "model.safetensors.index.json").is_file() == (request.param == "sharded")
+    hf_model = random_hf_folder(request.param, folder / "hf", rng)
     model, tokenizer_dir = load_hf_model(folder / "hf")
     save(model, folder / "orbax", tokenizer_dir=tokenizer_dir)
     return hf_model, folder, rng

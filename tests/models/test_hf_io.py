@@ -1,4 +1,5 @@
-"""Loading an HF Llama folder as a model: the older torch.save layout, the stored dtype kept."""
+"""Loading HF Llama weights as a model: a state dict that does not fit is refused, the older
+torch.save layout streams in, the stored dtype is kept, each tensor lands in its FSDP shard."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,22 @@ import pytest
 import torch
 from hf_models import hf_logits, random_hf_model, random_tokens, relative_error, save_hf_folder, tiny_hf_config
 
-from jaxflip.models.hf_io import load_hf_model
+from jaxflip.models.hf_io import llama_from_hf_state_dict, load_hf_model
 from jaxflip.models.named_params import flat_params, param_state
 from jaxflip.models.sharding import make_mesh, state_shardings
 from jaxflip.models.tensor_io import torch_to_numpy
+
+
+def test_loader_rejects_state_dicts_that_do_not_fit():
+    hf_model = random_hf_model(tiny_hf_config(), np.random.default_rng())
+    state_dict = dict(hf_model.state_dict())
+    state_dict["model.final_norm"] = state_dict.pop("model.norm.weight")
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\], unexpected \['model.final_norm'\]"):
+        llama_from_hf_state_dict(hf_model.config, state_dict)
+    state_dict = dict(hf_model.state_dict())
+    state_dict["lm_head.weight"] = state_dict["lm_head.weight"][:-1]
+    with pytest.raises(ValueError, match=r"'lm_head.weight': HF tensor has shape \(95, 64\), the model expects \(96, 64\)"):
+        llama_from_hf_state_dict(hf_model.config, state_dict)
 
 
 def test_load_hf_model_streams_a_pytorch_model_bin(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from hf_models import random_hf_model, random_tokens, tiny_hf_config
 from mase_triton.random_bitflip.layers import RandomBitFlipLinear as MaseLinear
 
+from jaxflip.bitflip import MAX_HALVES, BitflipConfig, TensorFlip
 from jaxflip.torch_bridge import RandomBitFlipLinear, transform_model
 from jaxflip.torch_bridge.functional import to_jax, to_torch
 
@@ -34,16 +35,38 @@ def seeds(layer) -> tuple[int, ...]:
     (W_ZERO_OUT_ONLY, torch.float32),
 ], ids=["both-flipped", "both-flipped-bf16", "x-only-no-zero-out", "w-zero-out-only"])
 def test_layer_matches_mase_over_three_calls(settings, dtype):
+    assert_layer_matches_mase(settings, dtype, "cpu")
+
+
+# the flips of every launch: few Philox calls (256/8) and many (32/1 with early exit, halves >= 13)
+GPU_SETTINGS = [BOTH_FLIPPED, dict(BOTH_FLIPPED, x_p_exp=0.5**16, x_p_frac=0.5**24, w_p_exp=0.5**13, w_p_frac=0.5**20)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", GPU_SETTINGS, ids=["few-philox-calls", "early-exit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_layer_on_cuda_is_bit_equal_to_mase(settings, dtype):
+    """On a GPU: the bridge runs the compiled Pallas kernel on the CUDA tensors' memory, mase-triton
+    its CUDA kernel; forward, dx and dW equal bit for bit. A 1024 x 1024 weight and 1M input
+    elements: even at 0.5^13 to 0.5^16 each group flips hundreds of bits per call."""
+    assert_layer_matches_mase(settings, dtype, "cuda", features=(1024, 1024), tokens=(8, 128))
+
+
+def assert_layer_matches_mase(settings: dict, dtype: torch.dtype, device: str, features=(IN, OUT),
+                              tokens=(4, 8)) -> None:
+    """Our layer and mase-triton's, holding the same random weights, over three calls on fresh
+    random inputs: the same output, dx, dW and db bit for bit, and the same seeds."""
     rng = np.random.default_rng()
-    linear = torch.nn.Linear(IN, OUT, bias=True, dtype=dtype)
+    in_features, out_features = features
+    linear = torch.nn.Linear(in_features, out_features, bias=True, dtype=dtype, device=device)
     with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(rng.standard_normal((OUT, IN)).astype(np.float32) * 0.2))
-        linear.bias.copy_(torch.from_numpy(rng.standard_normal(OUT).astype(np.float32)))
+        linear.weight.copy_(torch.from_numpy(rng.standard_normal((out_features, in_features)).astype(np.float32) * 0.2))
+        linear.bias.copy_(torch.from_numpy(rng.standard_normal(out_features).astype(np.float32)))
     mase = MaseLinear.from_linear(linear, **settings)
     ours = RandomBitFlipLinear.from_linear(linear, **settings)
     for call in range(3):
-        x = torch.from_numpy(rng.standard_normal((4, 8, IN)).astype(np.float32)).to(dtype)
-        grad_y = torch.from_numpy(rng.standard_normal((4, 8, OUT)).astype(np.float32)).to(dtype)
+        x = torch.from_numpy(rng.standard_normal((*tokens, in_features)).astype(np.float32)).to(device, dtype)
+        grad_y = torch.from_numpy(rng.standard_normal((*tokens, out_features)).astype(np.float32)).to(device, dtype)
         outputs, grads = [], []
         for layer in (mase, ours):
             layer.zero_grad()
@@ -88,6 +111,38 @@ def test_transform_flips_the_layers_mase_would_with_the_same_logits():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), equal_nan=True)
         for name, layer in mase_layers.items():
             assert seeds(modules[name]) == seeds(layer), f"call {call}: {name}"
+
+
+def test_transform_from_a_bitflip_config_keeps_its_halves_and_independent_seeds():
+    """A ``BitflipConfig`` (what ``--bitflip-config`` reads) applied to a torch model: each
+    flipped layer gets the halves and starting seeds of the config's own table."""
+    rng = np.random.default_rng()
+    halves = [int(h) for h in rng.integers(1, MAX_HALVES + 1, 4)]
+    config = BitflipConfig(x_p_exp=0.5 ** halves[0], x_p_frac=0.5 ** halves[1], w_p_exp=0.5 ** halves[2],
+                           w_p_frac=0.5 ** halves[3], w_zero_out_t=float(rng.uniform(0.5, 2)),
+                           base_seed=int(rng.integers(1000)), skip_patterns=["lm_head", "self_attn"])
+    model = random_hf_model(tiny_hf_config(), rng)
+    table = transform_model(model, config)
+    modules = dict(model.named_modules())
+    flipped = [row for row in table if row.flipped]
+    assert {row.layer.rsplit(".", 1)[-1] for row in flipped} == {"gate_proj", "up_proj", "down_proj"}
+    assert len({row.seeds for row in flipped}) == len(flipped), "independent seeds differ per layer"
+    for row in flipped:
+        layer = modules[row.layer]
+        assert isinstance(layer, RandomBitFlipLinear) and seeds(layer) == row.seeds
+        assert (layer.x_nearest_exp_halves, layer.x_nearest_frac_halves, layer.w_nearest_exp_halves,
+                layer.w_nearest_frac_halves, layer.w_zero_out_t) == (*halves, config.w_zero_out_t)
+    assert not isinstance(modules["model.layers.0.self_attn.q_proj"], RandomBitFlipLinear)
+
+
+def test_a_layer_refuses_a_probability_the_kernel_cannot_flip_when_built():
+    linear = torch.nn.Linear(IN, OUT)
+    with pytest.raises(ValueError, match=r"w_p_frac=.* is below the smallest supported flip probability"):
+        RandomBitFlipLinear.from_linear(linear, w_p_frac=0.5 ** (MAX_HALVES + 1))
+    layer = RandomBitFlipLinear.from_linear(linear)
+    flip = TensorFlip(exp_halves=int(np.random.default_rng().integers(1, MAX_HALVES + 1)))
+    layer.configure(flip, TensorFlip())
+    assert layer.x_nearest_exp_halves == flip.exp_halves and layer.x_p_exp == 0.5**flip.exp_halves
 
 
 def test_importing_the_bridge_stops_jax_preallocating_before_its_backend_starts():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxflip.train.config import from_dict
+from jaxflip.train.train_config import from_dict
 
 # a rule for one Linear only: flips that matter, without compiling Philox for every layer
 ONE_LAYER_FLIPS = {r"model\.layers\.0\.mlp\.down_proj": dict(

@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +15,7 @@ from flax import nnx
 from jaxflip.bitflip import LoRAParam, named_linears
 from jaxflip.models import load
 from jaxflip.train import setup
-from jaxflip.train.checkpointing import Checkpointer
+from jaxflip.train.checkpoint_manager import Checkpointer
 from jaxflip.train.loop import run
 
 
@@ -145,7 +147,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
 
     from jaxflip.train import loop
     from jaxflip.train.__main__ import main
-    from jaxflip.train.checkpointing import Checkpointer
+    from jaxflip.train.checkpoint_manager import Checkpointer
 
     make_train_step = loop.make_train_step
 
@@ -178,7 +180,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
 def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(tiny_job, monkeypatch):
     from pathlib import Path
 
-    from jaxflip.train.config import ConfigError, to_dict
+    from jaxflip.train.train_config import ConfigError, to_dict
 
     first = tiny_job()
     output_dir = Path(first.job.output_dir)
@@ -187,3 +189,129 @@ def test_a_resume_with_another_vocabulary_is_refused_before_the_model_is_built(t
     monkeypatch.setattr(setup, "build_model", lambda *args: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match="model.vocab_size 4096 -> 8192: differ"):
         run(tiny_job(model={"vocab_size": 8192}))
+
+
+def saved_arrays(output_dir, step) -> dict:
+    """Checkpoint ``step`` of a run as saved: ``{".trainable[...]": array, ".seeds[...]": ...}``."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(output_dir / "checkpoints", item_handlers=ocp.StandardCheckpointHandler())
+    arrays = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    return {key: np.asarray(value) for key, value in arrays.items()}
+
+
+def part(arrays: dict, name: str) -> list:
+    return [value for key, value in sorted(arrays.items()) if key.startswith(f".{name}")]
+
+
+def test_non_finite_steps_are_skipped_without_an_update_up_to_the_limit_then_the_run_stops(tiny_job, monkeypatch,
+                                                                                           capsys):
+    """A token outside the vocabulary (its embedding lookup is NaN) in a micro-batch of steps 3
+    and 5; training.skip_nonfinite 1: step 3 changes nothing but the seeds, step 4 trains,
+    step 5 stops the run as a non-finite step does without the option."""
+    from jaxflip.train import loop
+    from jaxflip.train.loop import NonFiniteError
+
+    config = tiny_job(training={"skip_nonfinite": 1, "save_freq": 1, "steps": 5}, checkpoint={"keep": 5},
+                      bitflip={"rules": EVERY_DOWN_PROJ})  # layers scanned: compiles faster than unrolled
+    accumulation = config.training.gradient_accumulation_steps
+    vocab_size = config.model.vocab_size
+    rng = np.random.default_rng()
+    poisoned = {(step - 1) * accumulation + int(rng.integers(accumulation)) for step in (3, 5)}  # calls of next()
+
+    class PoisonedStream(loop.BatchStream):
+        calls = 0
+
+        def __next__(self):
+            rows = super().__next__()
+            if PoisonedStream.calls in poisoned:
+                rows = rows.copy()
+                rows[0, int(rng.integers(rows.shape[1] - 1))] = vocab_size
+            PoisonedStream.calls += 1
+            return rows
+
+    monkeypatch.setattr(loop, "BatchStream", PoisonedStream)
+    with pytest.raises(NonFiniteError, match=r"^step 5: loss nan.* after 1 skipped .*\(step 4\)"):
+        run(config)
+    output_dir = Path(config.job.output_dir)
+    assert "step 3: loss nan" in capsys.readouterr().out
+    assert [r["step"] for r in records(output_dir) if "skipped" in r] == [3]
+    assert [r["step"] for r in records(output_dir) if "loss" in r] == [1, 2, 4]
+    before, skipped, after = (saved_arrays(output_dir, step) for step in (2, 3, 4))
+    for name in ("trainable", "opt_state", "step"):
+        for kept, unchanged in zip(part(before, name), part(skipped, name), strict=True):
+            np.testing.assert_array_equal(unchanged, kept)
+    # the seeds advance as in a trained step: the next step draws new flips
+    advanced, advanced_next = ([n - o for n, o in zip(part(new, "seeds"), part(old, "seeds"), strict=True)]
+                               for old, new in ((before, skipped), (skipped, after)))
+    for by, by_next in zip(advanced, advanced_next, strict=True):
+        np.testing.assert_array_equal(by, by_next)
+    assert any(by.any() for by in advanced)
+    assert not all(np.array_equal(new, old) for new, old in zip(part(after, "trainable"), part(skipped, "trainable")))
+    assert int(part(after, "step")[0]) == 3  # optimizer steps: step 3 applied none
+
+
+def train_in_a_process(config, cache_dir, *fault) -> subprocess.CompletedProcess:
+    """The train CLI on ``config`` in a process of its own; ``fault``: ``(point, step, kill or
+    a filler path)`` strikes during that save (``save_faults.py``). The processes share an XLA
+    cache: only the first compiles."""
+    import jaxflip
+    from jaxflip.train.train_config import to_dict
+
+    path = Path(config.job.output_dir).parent / f"{Path(config.job.output_dir).name}.yaml"
+    path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    command = ([str(Path(__file__).parent / "save_faults.py"), *map(str, fault), "train"] if fault
+               else ["-m", "jaxflip.train"])
+    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]), "JAXFLIP_COMPILATION_CACHE": str(cache_dir)}
+    return subprocess.run([sys.executable, *command, "--config", str(path)], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def exported_weights(output_dir) -> list:
+    return [np.asarray(w) for w in jax.tree.leaves(nnx.state(load(output_dir / "model"), nnx.Param))]
+
+
+@pytest.mark.slow  # eleven training runs in processes of their own: minutes on 2 CPU cores
+def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_losses_and_weights_of_an_unbroken_run(tiny_job, tmp_path):
+    from save_faults import POINTS
+
+    def job(name):
+        return tiny_job(job={"output_dir": str(tmp_path / name)}, checkpoint={"async_save": True, "keep": 1},
+                        training={"steps": 6, "save_freq": 2})
+
+    assert train_in_a_process(job("unbroken"), tmp_path / "xla").returncode == 0
+    for point in POINTS:
+        killed = train_in_a_process(job(point), tmp_path / "xla", point, 4, "kill")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = train_in_a_process(job(point), tmp_path / "xla")
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed from step {4 if point == 'finished' else 2}" in resumed.stdout
+        assert losses(tmp_path / point) == losses(tmp_path / "unbroken"), point
+        for weight, unbroken in zip(exported_weights(tmp_path / point), exported_weights(tmp_path / "unbroken"),
+                                    strict=True):
+            np.testing.assert_array_equal(weight, unbroken)
+
+
+@pytest.mark.slow  # three training runs in processes of their own
+def test_a_disk_that_fills_during_a_training_save_is_one_line_exit_1_and_the_run_resumes(tiny_job, tmpfs, tmp_path):
+    """The disk fills once the data position of step 4 is written (Orbax's threads meet ENOSPC):
+    one line naming the output folder, exit status 1, checkpoint 2 complete; with the disk
+    freed, the same command resumes from it to the unbroken run's losses."""
+    disk = tmpfs(2**26)
+
+    def job(output_dir):
+        return tiny_job(job={"output_dir": str(output_dir)}, checkpoint={"async_save": True, "keep": 1},
+                        training={"steps": 4, "save_freq": 2})
+
+    assert train_in_a_process(job(tmp_path / "unbroken"), tmp_path / "xla").returncode == 0
+    failed = train_in_a_process(job(disk / "run"), tmp_path / "xla", "position", 4, disk / "filler")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [failed.stderr.strip()]
+    assert failed.stderr.startswith("error: [Errno 28] No space left on device: checkpoint step 4 could not be saved")
+    assert str(disk / "run") in failed.stderr
+    assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["2"]
+    (disk / "filler").unlink()
+    resumed = train_in_a_process(job(disk / "run"), tmp_path / "xla")
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stdout
+    assert losses(disk / "run") == losses(tmp_path / "unbroken")

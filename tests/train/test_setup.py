@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from jaxflip.train.__main__ import main
-from jaxflip.train.config import ConfigError, load_config
+from jaxflip.train.train_config import ConfigError, load_config
 from jaxflip.train.setup import build_mesh, mesh_mismatch
 
 

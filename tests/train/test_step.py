@@ -176,7 +176,7 @@ def test_training_with_flips_matches_the_torch_recipe_with_mase_layers(lora, rem
     from hf_models import flax_twin, random_hf_model, tiny_hf_config
 
     from jaxflip.bitflip import add_lora, apply_bitflip_rules, named_linears
-    from jaxflip.train.config import TrainingConfig
+    from jaxflip.train.train_config import TrainingConfig
 
     mase_reference.install_cpu_kernels()
     rng = np.random.default_rng()

@@ -6,7 +6,7 @@ chapter (``{"id", "text"}``), 138 documents, 1.2 M characters. The last
 ``VALIDATION_DOCUMENTS`` chapters are held out for evaluation.
 
 The tokenizer is a byte-level BPE (4096 tokens, ``<|endoftext|>`` as EOS) trained on the
-training chapters by ``python -m jaxflip.data.builtin`` (deterministic), saved as a
+training chapters by ``python -m jaxflip.data.builtin_corpus`` (deterministic), saved as a
 ``transformers`` fast tokenizer, so ``AutoTokenizer.from_pretrained(builtin_tokenizer_dir())``
 loads it offline.
 """

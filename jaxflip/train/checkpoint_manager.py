@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxflip.cli import os_error_code
+from jaxflip.cli import os_error_code, quiet_reported_os_faults
 from jaxflip.train.step import TrainState
 
 DATA_STATE_FILE = "stream.json"
@@ -58,6 +58,7 @@ class Checkpointer:
         self.keep = keep
         self._barriers = itertools.count()
         self._in_flight = None  # the step of a save that may still be running
+        quiet_reported_os_faults()  # a save's OS fault is one OSError (_failing_save), not Orbax's tracebacks
         options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
         # the handler named: a fresh manager then reads a checkpoint's tree metadata (restore)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -90,9 +91,20 @@ class Checkpointer:
             code = os_error_code(error)
             if code is None or step is None:
                 raise
+            self._settle()
             self._discard(step)
             raise OSError(code, f"{os.strerror(code)}: checkpoint step {step} could not be saved in "
                                 f"{self.directory.parent} (what it wrote is removed)") from None
+
+    def _settle(self) -> None:
+        """Wait for every thread of a failed save, so that none writes after ``_discard`` or
+        into a closing interpreter: Orbax's finalizing thread can fail (its metadata file) while
+        its checkpointer's threads still write the arrays, which the manager's wait leaves be."""
+        writers = getattr(self.manager, "_checkpointer", None)  # Orbax's AsyncCheckpointer; no public handle
+        for wait in (self.manager.wait_until_finished, getattr(writers, "wait_until_finished", None)):
+            if wait is not None:
+                with contextlib.suppress(Exception):  # the save's fault again, or another of its threads'
+                    wait()
 
     def _discard(self, step: int) -> None:
         if jax.process_index() == 0:

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxflip.bitflip import named_linears
 from jaxflip.models import LlamaForCausalLM, get_flavor
 from jaxflip.train.__main__ import main
-from jaxflip.train.config import ConfigError, from_dict, load_config
+from jaxflip.train.train_config import ConfigError, from_dict, load_config
 
 # NewComputeBench's config_70b.toml, verbatim from the 70B FSDP2 LoRA tutorial
 REFERENCE_70B = """\
@@ -85,6 +85,7 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     (["--training.stepz", "3"], "training.stepz: unknown field"),
     (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp must be a probability in (0, 1)"),
+    (["--bitflip.seed_mode", "random"], "bitflip.seed_mode must be one of ('reference', 'independent')"),
     (["--training.lr", "fast"], "training.lr: expected a number"),
     (["--parallelism.fsdp_degree", "3"], "parallelism.fsdp_degree: 3 x data_parallel_replicate_degree 1 = 3 devices"),
     (["--parallelism.num_processes", "2"], "parallelism.coordinator_address: expected host:port of process 0"),
@@ -93,6 +94,8 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     (["--parallelism.process_id", "-2"], "parallelism.process_id: expected -1 or an integer >= 0, got -2"),
     (["--training.weight_decay", "inf"], "training.weight_decay: expected a finite number >= 0, got inf"),
     (["--training.max_norm", "nan"], "training.max_norm: expected a finite number >= 0, got nan"),
+    (["--training.skip_nonfinite", "-1"], "training.skip_nonfinite: expected an integer >= 0 (0: stop at the first), "
+                                          "got -1"),
     (["--lora.r", "4", "--lora.lora_alpha", "inf"], "lora.lora_alpha: expected a finite number > 0, got inf"),
     (["--bitflip.rules", "{default: {x_p_exp: 1.5}}"],
      "bitflip.rules: bitflip rule 'default': x_p_exp must be a probability in (0, 1) or None, got 1.5"),
@@ -109,13 +112,27 @@ def test_bad_config_is_one_line_naming_the_field(override, message, tmp_path, ca
     assert err.startswith(f"error: {message}") and "\n" not in err
 
 
+def test_the_old_module_is_a_deprecated_alias_of_the_config_and_the_bitflip_settings():
+    import importlib
+    import sys
+
+    from jaxflip.bitflip import BitflipConfig
+    from jaxflip.train import train_config
+
+    sys.modules.pop("jaxflip.train.config", None)
+    with pytest.warns(DeprecationWarning, match="jaxflip.train.config is deprecated"):
+        old = importlib.import_module("jaxflip.train.config")
+    assert old.BitflipConfig is BitflipConfig and old.TrainConfig is train_config.TrainConfig
+    assert old.load_config is train_config.load_config
+
+
 def test_unknown_section_is_rejected():
     with pytest.raises(ConfigError, match="optimizer: unknown section"):
         from_dict({"optimizer": {"lr": 1}})
 
 
 def test_a_resume_refuses_changes_to_the_model_data_or_flips_and_reports_the_others(tiny_job):
-    from jaxflip.train.config import resume_changes, to_dict
+    from jaxflip.train.train_config import resume_changes, to_dict
 
     rng = np.random.default_rng()
     steps, vocab = int(rng.integers(7, 100)), int(rng.integers(4097, 9000))

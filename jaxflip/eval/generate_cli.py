@@ -8,7 +8,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from jaxflip.eval.model_io import apply_bitflip_config, open_model, open_tokenizer
+from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
 from jaxflip.models import generate
 
 
@@ -59,8 +59,8 @@ def run(args) -> dict:
     payload = {"command": "generate", "checkpoint": args.checkpoint, "prompt": args.prompt,
                "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
                "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    if args.bitflip_config is not None:
-        payload["bitflip"] = apply_bitflip_config(model, args.bitflip_config).summary()
+    if (bitflip := resolve_bitflip(model, args)) is not None:
+        payload["bitflip"] = bitflip.apply(model).summary()
     prompt_ids = tokenizer(args.prompt)["input_ids"]
     stream = TextStream(tokenizer)
     sys.stdout.write(args.prompt)

@@ -1,10 +1,17 @@
-"""The data position beside each train checkpoint: one file for every process count."""
+"""Train checkpoints: the data position beside each, pruning, fallback, faults during a save."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxflip.train.checkpointing import DATA_STATE_FILE, Checkpointer
+from jaxflip.train.checkpoint_manager import DATA_STATE_FILE, Checkpointer
 
 POSITION = {"epoch": 1, "dataset": {"examples_iterable": {"shard_idx": 0, "shard_example_idx": 7}}, "carry": [5, 9]}
 
@@ -126,9 +133,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_is_one_line(tmp_path):
-    import pytest
-
-    from jaxflip.train.checkpointing import CheckpointError
+    from jaxflip.train.checkpoint_manager import CheckpointError
 
     state = random_state(np.random.default_rng())
     checkpointer = Checkpointer(tmp_path, keep=3, async_save=False)
@@ -144,8 +149,6 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_is_one_line(
 def test_a_full_disk_is_one_os_error_naming_the_step_and_leaves_nothing_of_the_save(tmpfs):
     """On a 1 MiB disk, a 4 MiB state: ENOSPC from tensorstore's writer thread."""
     import errno
-
-    import pytest
 
     output_dir = tmpfs(2**20)
     checkpointer = Checkpointer(output_dir, keep=2, async_save=True)
@@ -171,3 +174,63 @@ def test_a_checkpoint_holding_arrays_the_state_no_longer_has_still_resumes(tmp_p
     assert list(state) == ["w"]
     np.testing.assert_array_equal(state["w"], kept)
     reopened.close()
+
+
+SAVE_FAULTS = Path(__file__).parent / "save_faults.py"
+
+
+def faulty_saves(output_dir, point: str, step: int, fault: str, *, keep: int, steps: int, seed: int):
+    """The saves of steps 1..steps in a process of their own, ``fault`` striking at ``point``
+    of the save of ``step`` (``save_faults.py``)."""
+    import jaxflip
+
+    return subprocess.run([sys.executable, str(SAVE_FAULTS), point, str(step), fault, "saves", str(output_dir),
+                           str(keep), str(steps), str(seed)], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1])})  # this jaxflip
+
+
+def restored_latest(output_dir, keep: int, seed: int):
+    """``(step, state, position)`` of the newest complete checkpoint, read by a fresh process's
+    checkpointer; the state checked against the one saved at its step."""
+    from save_faults import saved_state
+
+    like = jax.tree.map(jnp.asarray, saved_state(seed, 1))
+    checkpointer = Checkpointer(output_dir, keep=keep, async_save=True)
+    step, state, position = checkpointer.restore_latest(*abstract_and_shardings(like))
+    checkpointer.close()
+    jax.tree.map(np.testing.assert_array_equal, state, saved_state(seed, step))
+    return step, position
+
+
+# the newest complete checkpoint when the process is killed at a point of the save of step 3
+KILLED_AT = {"prune": 2, "position": 2, "writing": 2, "commit": 2, "finished": 3}
+
+
+@pytest.mark.parametrize("point", [pytest.param(point, marks=() if point in ("commit", "finished") else pytest.mark.slow)
+                                   for point in KILLED_AT])  # ~3 s each: two in the default suite
+def test_a_sigkill_during_a_save_resumes_from_the_newest_complete_checkpoint(point, tmp_path):
+    """keep 1, SIGKILL at a point of the async save of step 3: the newest complete checkpoint
+    restores bit-exactly with its data position, and after the resume it is the one kept."""
+    seed = int(np.random.default_rng().integers(2**31))
+    killed = faulty_saves(tmp_path, point, 3, "kill", keep=1, steps=4, seed=seed)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    step, position = restored_latest(tmp_path, keep=1, seed=seed)
+    assert (step, position) == (KILLED_AT[point], {"position": KILLED_AT[point]})
+    assert [name for name in step_folders(tmp_path) if name.isdigit()] == [str(step)]
+
+
+def test_a_disk_that_fills_during_an_async_save_is_one_line_and_the_previous_checkpoint_stays(tmpfs):
+    """The disk fills once the data position of step 2 is written: Orbax's writer threads meet
+    ENOSPC. The process prints the error's one line and nothing else (no Orbax log, no
+    tensorstore report); step 1 restores."""
+    disk = tmpfs(2**22)
+    output_dir = disk / "run"
+    seed = int(np.random.default_rng().integers(2**31))
+    failed = faulty_saves(output_dir, "position", 2, str(disk / "filler"), keep=2, steps=3, seed=seed)
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [failed.stderr.strip()]
+    assert "No space left on device: checkpoint step 2 could not be saved" in failed.stderr
+    assert str(output_dir) in failed.stderr
+    assert step_folders(output_dir) == ["1"]
+    (disk / "filler").unlink()
+    assert restored_latest(output_dir, keep=2, seed=seed) == (1, {"position": 1})
