@@ -179,7 +179,7 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
         if isinstance(value, RowBlockTensor):
             array = array_from_device_slices(
                 value.shape, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-                lambda index, tensor=value, dtype=variable.dtype: tensor.read(index).astype(dtype))
+                lambda index, tensor=value, dtype=variable.dtype: tensor.read(index).astype(dtype, copy=False))
         else:
             array = jax.device_put(value.astype(variable.dtype), sharding)
         loaded.append((path, variable.replace(array)))
