@@ -14,7 +14,11 @@ from jaxflip.models.scan import StackedLayers, stack_layers, unstack_layers
 from jaxflip.models.sharding import create_sharded, make_mesh
 
 CONFIG = get_flavor("aixsim-debug", vocab_size=512, num_hidden_layers=3)
-FLIP = dict(x_p_exp=0.5**10, x_p_frac=0.5**6, x_zero_out_t=30.0, w_p_exp=0.5**10, w_p_frac=0.5**6, w_zero_out_t=1.25)
+# No fraction flips on activations: the scan and the loop compute them in another fusion order,
+# and a fraction flip XORs a mantissa bit, so a 1-ulp difference whose carry reaches that bit
+# becomes a difference of 2**bit ulps (seen: 24 of 65,536 gradient elements off, once). Weights
+# are the same bits in both, so their fraction flips agree exactly.
+FLIP = dict(x_p_exp=0.5**10, x_p_frac=None, x_zero_out_t=30.0, w_p_exp=0.5**10, w_p_frac=0.5**6, w_zero_out_t=1.25)
 # one Linear per layer flips (each flipped tensor costs about a second of XLA compile on CPU,
 # per layer in the loop): the same settings in every layer, so the layers stay identical
 EVERY_DOWN_PROJ = {r"model\.layers\.\d+\.mlp\.down_proj": FLIP}

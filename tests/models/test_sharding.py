@@ -107,7 +107,8 @@ def test_on_its_mesh_each_device_flips_its_own_shard(mesh, monkeypatch):
     monkeypatch.setenv("JAXFLIP_BITFLIP_BACKEND", "interpret")
     sharded = create_sharded(lambda: LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4)), mesh)
     unsharded = LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4))
-    rules = {r"model\.layers\.1\.mlp\.down_proj": dict(x_p_exp=0.5**8, x_p_frac=0.5**10, x_zero_out_t=30.0,
+    # no activation fraction flips: they amplify the sharded forward's rounding (tests/models/test_scan.py)
+    rules = {r"model\.layers\.1\.mlp\.down_proj": dict(x_p_exp=0.5**8, x_p_frac=None, x_zero_out_t=30.0,
                                                         w_p_exp=0.5**8, w_p_frac=0.5**10, w_zero_out_t=0.05)}
     for model in (sharded, unsharded):
         apply_bitflip_rules(model, rules, seed_mode="independent", base_seed=7)
