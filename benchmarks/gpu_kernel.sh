@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The kernel on one GPU, in one device call per part (each fits the 10-minute limit):
-#   bash benchmarks/gpu_kernel.sh parity   # tests/kernels_pallas: jaxflip's kernel vs mase-triton's, bit for bit
+#   bash benchmarks/gpu_kernel.sh parity   # tests/kernels_pallas + tests/torch_bridge (gpu tests too): vs mase-triton, bit for bit
 #   bash benchmarks/gpu_kernel.sh bench    # benchmarks/bench_kernel.py: early exit vs no exit vs mase (issue 12)
 #   bash benchmarks/gpu_kernel.sh quick    # the same, bf16, halves 16 and 24, launches 32/1 and 256/8 (~2 min)
 # Usage (device tool, carry .whl): bash benchmarks/gpu_kernel.sh PART
 set -uo pipefail
 part=${1:-}
 case "$part" in parity|bench|quick) ;; *) echo "usage: bash benchmarks/gpu_kernel.sh parity|bench|quick" >&2; exit 2 ;; esac
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import jax, torch, triton; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'triton', triton.__version__)"
 if [ "$part" = parity ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/kernels_pallas 2>&1 | tee $OUT/gpu_parity.log | tail -25
+  # every kernel and bridge test, the gpu-marked ones included (compiled kernel and bridge vs mase-triton's CUDA kernels)
+  python3 -m pytest -q -p no:cacheprovider tests/kernels_pallas tests/torch_bridge 2>&1 | tee $OUT/gpu_parity.log | tail -25
 elif [ "$part" = quick ]; then
   python3 -W ignore benchmarks/bench_kernel.py --dtypes bfloat16 --halves 16,24 --launches 32/1,256/8 --reps 10 \
     --out $OUT/bench_kernel.json 2>&1 | tee $OUT/bench_kernel.log

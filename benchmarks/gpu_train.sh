@@ -3,9 +3,9 @@
 # and on, 16 x 2048 tokens per step (REFERENCE.md's torch recipe: 208,700 / 80,200 tok/s).
 # The built-in corpus and tokenizer stand in for FineWeb-Edu / cosmo2 (no network there);
 # the model keeps its 49,152-token vocabulary, so the FLOPs are the real recipe's.
-# Usage (device tool): bash benchmarks/gpu_train.sh
+# Usage (device tool, carry .whl): bash benchmarks/gpu_train.sh
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAXFLIP_COMPILATION_CACHE=""
+source benchmarks/device_env.sh
 for flips in false true; do
   python3 -m jaxflip.train --config configs/aixsim-60M.toml --job.output_dir "$OUT/60M-bitflip-$flips" \
     --job.start_over true --parallelism.fsdp_degree -1 --training.local_batch_size 16 \
