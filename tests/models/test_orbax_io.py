@@ -1,6 +1,7 @@
 """jaxflip.models.save / load: the one model checkpoint (config, sharded Orbax params, tokenizer)."""
 
 import json
+import re
 import math
 
 import jax
@@ -199,3 +200,20 @@ def test_load_rejects_params_that_disagree_with_the_config(saved, tmp_path):
     (tmp_path / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="the config expects"):
         load(tmp_path)
+
+
+def test_load_refuses_an_integer_tensor_instead_of_casting_it(saved, tmp_path):
+    """A checkpoint written by hand (or by another tool) with an integer parameter: loading it
+    would cast it to the model's float dtype and run as other weights, so it is refused."""
+    model, _ = saved
+    params = params_of(model)
+    name = sorted(params)[np.random.default_rng().integers(len(params))]
+    params[name] = np.random.default_rng().integers(-100, 100, params[name].shape, dtype=np.int32)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ints" / PARAMS_DIR / "00000", params)
+    checkpointer.wait_until_finished()
+    metadata = {"format": "jaxflip-llama", "version": 3, "config": config_to_dict(model.config),
+                "lora": lora_settings(model)}
+    (tmp_path / "ints" / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=re.escape(name) + ".* hold int32 values, not floating point"):
+        load(tmp_path / "ints")
