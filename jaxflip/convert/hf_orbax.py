@@ -3,11 +3,10 @@ jaxflip checkpoint and back, one tensor at a time, written aside and renamed int
 
 from __future__ import annotations
 
-import json
 import os
 
-from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer, write_aside
-from jaxflip.models.hf_io import hf_config_dict, open_hf, special_token_ids
+from jaxflip.models.checkpoint_folder import has_tokenizer, write_aside
+from jaxflip.models.hf_io import open_hf, write_hf_config
 from jaxflip.models.orbax_io import DEFAULT_SHARD_BYTES, CheckpointSource, CheckpointWriter, tokenizer_path
 from jaxflip.models.safetensors_io import SafetensorsShardWriter
 from jaxflip.models.tensor_io import DEFAULT_ROW_BLOCK_BYTES, Progress, resolve_dtype
@@ -45,8 +44,5 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             writer.add(name, array)
             progress.update(array)
         writer.finish()
-        config = hf_config_dict(source.config, out_dtype) | special_token_ids(tokenizer_path(src))
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer_path(src) is not None:
-            copy_tokenizer_files(tokenizer_path(src), staging)
+        write_hf_config(staging, source.config, out_dtype, tokenizer_path(src))
     return progress.summary()

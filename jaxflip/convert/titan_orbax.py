@@ -4,15 +4,14 @@ checkpoint and back, one tensor at a time, written aside and renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer, write_aside
+from jaxflip.models.checkpoint_folder import has_tokenizer, write_aside
 from jaxflip.models.flavors import get_flavor
-from jaxflip.models.hf_io import hf_config_dict, special_token_ids
+from jaxflip.models.hf_io import write_hf_config
 from jaxflip.models.llama_config import config_from_hf
 from jaxflip.models.named_params import check_floating, check_params, expected_params
 from jaxflip.models.orbax_io import DEFAULT_SHARD_BYTES, CheckpointSource, CheckpointWriter, tokenizer_path
@@ -103,8 +102,5 @@ def orbax_to_titan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str
     with (Progress(len(hf_names), f"orbax-to-titan {out_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
         write_dcp(staging, {name: source.shapes[hf] for name, hf in hf_names.items()}, out_dtype, read)
-        hf_config = hf_config_dict(llama, out_dtype) | special_token_ids(tokenizer_path(src))
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if tokenizer_path(src) is not None:
-            copy_tokenizer_files(tokenizer_path(src), staging)
+        write_hf_config(staging, llama, out_dtype, tokenizer_path(src))
     return progress.summary()

@@ -1,7 +1,7 @@
 """HF transformers Llama checkpoints: open one (``open_hf``), load it as a model
-(``load_hf_model``, through ``llama_from_hf_state_dict``), and the ``config.json`` a written one
-carries (``hf_config_dict``, ``special_token_ids``). The converters ``hf-to-orbax`` and
-``orbax-to-hf`` (``jaxflip.convert.hf_orbax``) are built on these.
+(``load_hf_model``, through ``llama_from_hf_state_dict``), and the ``config.json`` and
+tokenizer files a written one carries (``write_hf_config``). The converters ``hf-to-orbax``
+and ``orbax-to-hf`` (``jaxflip.convert.hf_orbax``) are built on these.
 
 An HF model is a folder with ``config.json``, the weights (``model.safetensors``, or shards
 listed in ``model.safetensors.index.json``; or the older ``pytorch_model.bin`` and its
@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from jaxflip.bitflip import LM_HEAD, BitflipSeed
 from jaxflip.data.sources import hub_failure
-from jaxflip.models.checkpoint_folder import has_tokenizer
+from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer
 from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.llama_config import LlamaConfig, config_from_hf
 from jaxflip.models.named_params import check_floating, check_params, expected_params
@@ -265,3 +265,13 @@ def special_token_ids(tokenizer_dir: Path | None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def write_hf_config(folder: Path, config: LlamaConfig, dtype: str, tokenizer_dir: Path | None) -> None:
+    """``config.json`` of the model (with the tokenizer's special token ids) and the tokenizer
+    files of ``tokenizer_dir`` (None: none) in ``folder``: what transformers and torchtitan read
+    beside the weights."""
+    hf_config = hf_config_dict(config, dtype) | special_token_ids(tokenizer_dir)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, folder)
