@@ -155,12 +155,19 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 def array_from_device_slices(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
                              read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
-    """An array of ``shape`` laid out by ``sharding``, each device's slice read by
-    ``read(index)`` and put on its device before the next is read: the host holds one slice
-    at a time (``jax.make_array_from_callback`` reads every slice before placing any)."""
-    slices = [jax.device_put(read(index), device)
-              for device, index in sharding.addressable_devices_indices_map(shape).items()]
-    return jax.make_array_from_single_device_arrays(shape, sharding, slices)
+    """An array of ``shape`` laid out by ``sharding``, each distinct slice read once by
+    ``read(index)`` and put on every device that holds it (its replicas) before the next is
+    read: the host holds one slice at a time (``jax.make_array_from_callback`` reads every
+    slice before placing any)."""
+    indices = sharding.addressable_devices_indices_map(shape)
+    replicas: dict[tuple, list] = {}  # slices are unhashable before Python 3.12: keyed by their bounds
+    for device, index in indices.items():
+        replicas.setdefault(tuple((part.start, part.stop, part.step) for part in index), []).append(device)
+    placed = {}
+    for devices in replicas.values():
+        host = read(indices[devices[0]])
+        placed |= {device: jax.device_put(host, device) for device in devices}
+    return jax.make_array_from_single_device_arrays(shape, sharding, [placed[device] for device in indices])
 
 
 def create_sharded(model_factory: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:

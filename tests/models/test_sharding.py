@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import flax_twin, random_hf_model, random_tokens, tiny_hf_config
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxflip.bitflip import BitflipSeed, LoRAParam, add_lora, apply_bitflip_rules
 from jaxflip.models import LlamaForCausalLM, get_flavor, llama_from_hf_state_dict
-from jaxflip.models.sharding import (LOGICAL_AXIS_RULES, create_sharded, logical_sharding, make_mesh,
+from jaxflip.models.sharding import (LOGICAL_AXIS_RULES, array_from_device_slices, create_sharded, logical_sharding, make_mesh,
                                      model_mesh, on_model_mesh, state_shardings)
 from jaxflip.train.collectives import collective_bytes
 
@@ -125,3 +125,19 @@ def test_on_its_mesh_each_device_flips_its_own_shard(mesh, monkeypatch):
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(unsharded, nnx.Param)))
     moved = collective_bytes(hlo)
     assert sum(moved.values()) <= 1.2 * param_bytes, dict(moved)
+
+
+@pytest.mark.parametrize("spec, distinct", [(PartitionSpec(None, "fsdp"), 4), (PartitionSpec(), 1)])
+def test_a_slice_held_by_several_devices_is_read_once(mesh, spec, distinct):
+    """On dp x fsdp, the dp replicas of an FSDP slice (and every device of a replicated array)
+    take the one read of their slice: a checkpoint's bytes are read once per distinct slice."""
+    source = np.random.default_rng().standard_normal((6, 16)).astype(np.float32)
+    reads = []
+
+    def read(index):
+        reads.append(index)
+        return source[index]
+
+    array = array_from_device_slices(source.shape, NamedSharding(mesh, spec), read)
+    assert len(reads) == distinct
+    assert array.sharding.spec == spec and np.array_equal(np.asarray(array), source)
