@@ -27,57 +27,93 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxflip.kernels_pallas.layout import Segments, segments_global_index
-from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, mulhilo_16bit_split, philox_calls, zero_out_keep
+from jaxflip.kernels_pallas.philox import (
+    BITS_DTYPE,
+    and_call_words,
+    flip_groups,
+    group_flip_word,
+    mulhilo_16bit_split,
+    philox4x32,
+    philox4x32_after,
+    philox_calls,
+    philox_rounds,
+    zero_out_keep,
+)
+
+MODES = ("dense", "block_exit", "per_element")
+
 
 @dataclass(frozen=True)
 class Launch:
     """How the kernel is launched: ``block`` elements per program (a power of two >= 16),
-    ``num_warps`` warps per program (GPU only), ``early_exit`` per block (bit-identical)."""
+    ``num_warps`` warps per program (GPU only) and the ``mode`` of its Philox loop:
+
+    * ``"dense"``: every element computes every Philox call of its groups;
+    * ``"block_exit"``: a group's remaining calls are skipped once no masked bit of the whole
+      block survives (``philox.group_flip_word``);
+    * ``"per_element"``: each element continues only while its own masked bits survive. A
+      program is ``32 * num_warps`` lanes over ``block / lanes`` slots (at most 16): first
+      every element's first call of each group (dense, no bookkeeping), then each lane works
+      through its own queue of the elements and groups still alive, one Philox call per
+      iteration, until every lane's queue is empty (``_flip_per_element``).
+
+    All three give the same bits; only the work differs."""
 
     block: int
     num_warps: int
-    early_exit: bool = True
+    mode: str = "dense"
 
     def __post_init__(self):
         if not (isinstance(self.block, int) and self.block >= 16 and self.block & (self.block - 1) == 0):
             raise ValueError(f"Launch.block must be a power of two >= 16, got {self.block!r}")
         if not (isinstance(self.num_warps, int) and self.num_warps >= 1 and self.num_warps & (self.num_warps - 1) == 0):
             raise ValueError(f"Launch.num_warps must be a power of two >= 1, got {self.num_warps!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"Launch.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "per_element" and not self.lanes <= self.block <= MAX_SLOTS * self.lanes:
+            raise ValueError(f"Launch.block must be 1 to {MAX_SLOTS} times 32 * num_warps in per_element mode, "
+                             f"got {self.block}/{self.num_warps}")
+
+    @property
+    def lanes(self) -> int:
+        """Elements a program works on at a time in ``per_element`` mode: one per thread."""
+        return 32 * self.num_warps
 
 
-# Two launches, chosen by the most Philox calls a group needs (``ceil(halves / 4)``), measured
-# on an H200 (benchmarks/NOTES.md, "Kernel early exit", bf16, 2**27 elements, zero-out):
-# - few calls (halves <= 12): 256 elements / 8 warps, one element per thread, no early exit.
-#   32-element blocks cost ~3 ms at any halves (4M programs), and with one or two calls there
-#   is little to skip: at halves 8 the exit test made 256/8 slower (2.19 vs 1.98 ms).
-# - four or more calls (halves >= 13): 32 / 1 with early exit, where a warp-sized block most
-#   often clears all its masked bits early: halves 16 3.06-3.40 ms, halves 24 4.07-4.13 ms,
-#   against 4.30 / 7.76 ms at 256/8 without exit (mase-triton: 4.21 / 8.54).
-FEW_CALLS_LAUNCH = Launch(block=256, num_warps=8, early_exit=False)
-MANY_CALLS_LAUNCH = Launch(block=32, num_warps=1, early_exit=True)
-MANY_CALLS = 4
+# per_element keeps a lane's pending (slot, group) items as bits of one uint32
+MAX_SLOTS = 16
+
+# Launches by the most Philox calls a group needs (``ceil(halves / 4)``):
+# - one or two calls (halves <= 8): 256 elements / 8 warps, one element per thread, dense.
+#   With one call there is nothing to skip, with two little (bf16 halves 8 at 256/8, H200:
+#   block exit 2.19 ms against dense 1.98, benchmarks/NOTES.md "Kernel early exit").
+# - three or more (halves >= 9): per element, 512 elements on one warp (16 slots a lane).
+#   At halves 16, after the first call only 44% of bf16 exponent groups (9 bits) still have a
+#   live bit, 3.5% after two: per-element continuation needs ~1.48 calls per group, a block of
+#   32 (block exit) ~2.74, dense 4.
+FEW_CALLS_LAUNCH = Launch(block=256, num_warps=8, mode="dense")
+MANY_CALLS_LAUNCH = Launch(block=512, num_warps=1, mode="per_element")
+MANY_CALLS = 3
 
 
 @functools.cache
 def default_launch(halves: int = 1, interpret: bool = False) -> Launch:
     """The launch for groups of at most ``halves`` (the larger of the two groups'), with the
-    environment's overrides (read once per process). In interpret mode (CPU) the block stays
-    at 256, where the interpreter runs fastest; early exit follows the rule, as on a GPU."""
+    environment's overrides (read once per process). In interpret mode (CPU) blocks stay at
+    256 elements, where the interpreter runs fastest; the mode follows the rule, as on a GPU."""
     launch = MANY_CALLS_LAUNCH if philox_calls(halves) >= MANY_CALLS else FEW_CALLS_LAUNCH
     if interpret:
-        launch = Launch(FEW_CALLS_LAUNCH.block, FEW_CALLS_LAUNCH.num_warps, launch.early_exit)
+        launch = Launch(256, 1 if launch.mode == "per_element" else 8, launch.mode)
     text = os.environ.get("JAXFLIP_BITFLIP_LAUNCH")
+    mode = os.environ.get("JAXFLIP_BITFLIP_MODE") or launch.mode
+    if mode not in MODES:
+        raise ValueError(f"JAXFLIP_BITFLIP_MODE must be one of {', '.join(MODES)}, got {mode!r}")
     if text:
         block, sep, warps = text.partition("/")
         if not (sep and block.isdigit() and warps.isdigit()):
-            raise ValueError(f"JAXFLIP_BITFLIP_LAUNCH must be BLOCK/WARPS, e.g. 32/1, got {text!r}")
-        launch = Launch(int(block), int(warps), launch.early_exit)
-    early_exit = os.environ.get("JAXFLIP_BITFLIP_EARLY_EXIT")
-    if early_exit:
-        if early_exit not in ("0", "1"):
-            raise ValueError(f"JAXFLIP_BITFLIP_EARLY_EXIT must be 0 or 1, got {early_exit!r}")
-        launch = Launch(launch.block, launch.num_warps, early_exit == "1")
-    return launch
+            raise ValueError(f"JAXFLIP_BITFLIP_LAUNCH must be BLOCK/WARPS, e.g. 512/1, got {text!r}")
+        return Launch(int(block), int(warps), mode)
+    return Launch(launch.block, launch.num_warps, mode)
 
 
 def ptx_mulhilo(a: int, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -94,27 +130,162 @@ def ptx_mulhilo(a: int, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return lax.bitcast_convert_type(hi, jnp.uint32), jnp.uint32(a) * b
 
 
-def _bitflip_kernel(
-    scalars_ref, x_ref, *out_refs, n, block, segments, exp_halves, frac_halves,
-    dtype_name, threshold, interpret, early_exit,
-):
-    local = pl.program_id(0) * block + lax.iota(jnp.int32, block)
-    in_bounds = local < n
-    index = segments_global_index(local.astype(jnp.uint32), segments, scalars_ref[2])
-    bits = x_ref[...] if interpret else plgpu.load(x_ref, mask=in_bounds, other=0)
-    bits = flip_bits(
-        bits, index, scalars_ref[0], scalars_ref[1], exp_halves, frac_halves, dtype_name,
-        mulhilo=mulhilo_16bit_split if interpret else ptx_mulhilo, early_exit=early_exit,
+def _load(ref, pos, mask):
+    return plgpu.load(ref.at[pos], mask=mask, other=0)
+
+
+def _store(ref, pos, value, mask):
+    plgpu.store(ref.at[pos], value, mask=mask)
+
+
+def _bitflip_kernel(scalars_ref, x_ref, y_ref, *keep_ref, n, block, segments, exp_halves, frac_halves,
+                    dtype_name, threshold, interpret, launch):
+    seeds = (scalars_ref[0], scalars_ref[1])
+    # read outside the cond below: interpret mode substitutes program_id only at the top level
+    first = pl.program_id(0) * block
+    flip = functools.partial(
+        _flip_per_element if launch.mode == "per_element" else _flip_block,
+        seeds=seeds, base=scalars_ref[2], first=first, x_ref=x_ref, y_ref=y_ref, keep_ref=keep_ref[0] if keep_ref else None,
+        n=n, block=block, segments=segments, dtype_name=dtype_name, threshold=threshold,
+        mulhilo=mulhilo_16bit_split if interpret else ptx_mulhilo, launch=launch,
     )
-    outs = [bits]
-    if threshold is not None:
-        keep = zero_out_keep(bits, dtype_name, threshold)
-        outs = [jnp.where(keep, bits, jnp.zeros_like(bits)), keep.astype(jnp.int8)]
-    for ref, value in zip(out_refs, outs):
-        if interpret:
-            ref[...] = value
-        else:
-            plgpu.store(ref, value, mask=in_bounds)
+    groups = flip_groups(exp_halves, frac_halves, dtype_name)
+    if len(groups) == 2 and exp_halves == frac_halves:
+        # equal seeds (the reference's: every layer starts both at 0) share every Philox call
+        shared = flip_groups(exp_halves, frac_halves, dtype_name, shared_seed=True)
+        lax.cond(seeds[0] == seeds[1], lambda: flip(shared), lambda: flip(groups))
+    else:
+        flip(groups)
+
+
+def _finish(bits, dtype_name, threshold):
+    """The output bits after zero-out, and the int8 keep mask (None without a threshold)."""
+    if threshold is None:
+        return bits, None
+    keep = zero_out_keep(bits, dtype_name, threshold)
+    return jnp.where(keep, bits, jnp.zeros_like(bits)), keep.astype(jnp.int8)
+
+
+def _flip_block(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, dtype_name, threshold,
+                mulhilo, launch):
+    """Dense or block-exit mode: the whole block's groups in one pass, one element per lane."""
+    pos = lax.iota(jnp.int32, block)
+    local = first + pos
+    in_bounds = local < n
+    index = segments_global_index(local.astype(jnp.uint32), segments, base)
+    bits = _load(x_ref, pos, in_bounds)
+    for group in groups:
+        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo,
+                               early_exit=launch.mode == "block_exit")
+        bits = bits ^ word.astype(bits.dtype)
+    bits, keep = _finish(bits, dtype_name, threshold)
+    _store(y_ref, pos, bits, in_bounds)
+    if keep_ref is not None:
+        _store(keep_ref, pos, keep, in_bounds)
+
+
+def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, dtype_name, threshold,
+                      mulhilo, launch):
+    """Per-element continuation (``Launch.mode == "per_element"``), bit-identical to dense.
+
+    Phase 1, dense: slot by slot, every element's first Philox call of each group. An element
+    whose groups are all settled (no masked bit left, or no call left) is written out; the
+    others get their partial flip word written to ``y_ref`` as scratch, and each lane marks
+    its unsettled (slot, group) items as bits of one uint32.
+
+    Phase 2, one loop: each lane takes its lowest pending item, reads the word back, runs the
+    item's next Philox call, and settles it once no masked bit survives or its calls are
+    done; an element is written out (flip, zero-out, keep) when its last item settles. The
+    loop runs until every lane of the program is done: a lane waits only for the lanes of
+    its own program, not for the slowest element of a block as in block-exit mode. A lane
+    reads back only what it wrote itself, so no synchronisation is needed.
+    """
+    lanes = launch.lanes
+    n_groups = len(groups)
+    lane = lax.iota(jnp.int32, lanes)
+    u32 = jnp.uint32
+
+    def global_index(pos):
+        return segments_global_index((first + pos).astype(u32), segments, base)
+
+    def settle(pos, x_bits, word, mask):
+        """Write out the elements at ``pos`` (where ``mask``) flipped by ``word``."""
+        y, keep = _finish(x_bits ^ word.astype(x_bits.dtype), dtype_name, threshold)
+        _store(y_ref, pos, y, mask)
+        if keep_ref is not None:
+            _store(keep_ref, pos, keep, mask)
+
+    def first_calls(slot, pending):
+        pos = slot * lanes + lane
+        in_bounds = first + pos < n
+        x_bits = _load(x_ref, pos, in_bounds)
+        index = global_index(pos)
+        word = jnp.zeros((lanes,), u32)
+        for g, group in enumerate(groups):
+            words = philox4x32(index, seeds[group.seed].astype(u32), philox_rounds(group.halves), mulhilo)
+            acc = and_call_words(u32(group.mask), words, min(4, group.halves))
+            word = word | acc
+            if philox_calls(group.halves) > 1:
+                alive = ((acc != 0) & in_bounds).astype(u32)
+                pending = pending | (alive << (slot * n_groups + g).astype(u32))
+        unsettled = ((pending >> (slot * n_groups).astype(u32)) & u32((1 << n_groups) - 1)) != 0
+        settle(pos, x_bits, word, in_bounds & ~unsettled)
+        _store(y_ref, pos, word.astype(x_bits.dtype), unsettled)
+        return pending
+
+    pending = lax.fori_loop(0, block // lanes, first_calls, jnp.zeros((lanes,), u32))
+
+    def per_group(values, g, dtype=jnp.int32):
+        """``values[g]`` per lane, for the group index ``g`` of each lane's item."""
+        values = [jnp.asarray(v, dtype) for v in values]
+        return values[0] if n_groups == 1 else jnp.where(g == 0, values[0], values[1])
+
+    rounds = tuple(sorted({philox_rounds(group.halves) for group in groups}))
+
+    def busy(state):
+        pending, item = state[:2]
+        return jnp.max(((pending != 0) | (item >= 0)).astype(jnp.int32)) > 0
+
+    def next_call(state):
+        pending, item, call, acc, others = state
+        start = (item < 0) & (pending != 0)
+        lowest = 31 - lax.clz(lax.bitcast_convert_type(pending & (~pending + u32(1)), jnp.int32))
+        item = jnp.where(start, lowest, item)
+        pending = jnp.where(start, pending & (pending - u32(1)), pending)
+        active = item >= 0
+        slot = jnp.maximum(item, 0) // n_groups
+        g = item % n_groups
+        pos = slot * lanes + lane
+        mask = per_group([group.mask for group in groups], g, u32)
+        scratch = _load(y_ref, pos, start).astype(u32)
+        acc = jnp.where(start, scratch & mask, acc)
+        others = jnp.where(start, scratch ^ (scratch & mask), others)  # the other group's settled bits
+        call = jnp.where(start, 1, call)
+
+        seed = per_group([seeds[group.seed] for group in groups], g, u32)
+        states = philox4x32_after(global_index(pos), seed + call.astype(u32), rounds, mulhilo)
+        words = states[0]
+        if len(rounds) > 1:
+            fewer = per_group([philox_rounds(group.halves) == rounds[0] for group in groups], g, jnp.bool_)
+            words = tuple(jnp.where(fewer, a, b) for a, b in zip(states[0], states[1]))
+        full_calls = per_group([group.halves // 4 for group in groups], g)
+        last_words = per_group([group.halves % 4 for group in groups], g)
+        acc = and_call_words(acc, words, jnp.where(call < full_calls, 4, last_words))
+        last_call = per_group([philox_calls(group.halves) - 1 for group in groups], g)
+        settled = active & ((acc == 0) | (call == last_call))
+        word = others | acc
+        # the element's fraction item comes next when its exponent item settles with it pending
+        sibling = (g == 0) & (((pending >> jnp.maximum(item + 1, 0).astype(u32)) & u32(1)) != 0) \
+            if n_groups == 2 else jnp.zeros_like(settled)
+        done = settled & ~sibling
+        x_bits = _load(x_ref, pos, done)
+        settle(pos, x_bits, word, done)
+        _store(y_ref, pos, word.astype(x_bits.dtype), settled & sibling)
+        return pending, jnp.where(settled, -1, item), call + 1, acc, others
+
+    zeros = jnp.zeros((lanes,), u32)
+    lax.while_loop(busy, next_call, (pending, jnp.full((lanes,), -1, jnp.int32), jnp.zeros((lanes,), jnp.int32),
+                                     zeros, zeros))
 
 
 def bitflip_pallas(
@@ -127,12 +298,14 @@ def bitflip_pallas(
     threshold: float | None,
     interpret: bool,
     launch: Launch | None = None,
+    with_keep: bool = True,
 ):
     """Flip a flat array. ``scalars`` is uint32 ``[seed_exp, seed_frac, base, 0]``.
 
-    Returns ``y`` and, when ``threshold`` is set, the int8 keep mask (``|y| < threshold``
-    before zero-out), which is the backward pass's exact residual. The kernel reads and
-    writes bit patterns, never floats, so NaN payloads pass through untouched as in
+    Returns ``y`` and, when ``threshold`` is set and ``with_keep``, the int8 keep mask
+    (``|y| < threshold`` before zero-out), which is the backward pass's exact residual; a
+    forward that no gradient needs passes ``with_keep=False`` and writes no mask. The kernel
+    reads and writes bit patterns, never floats, so NaN payloads pass through untouched as in
     mase-triton (XLA on CPU would canonicalize them in a bfloat16 store). ``launch``:
     :func:`default_launch` when None.
     """
@@ -140,24 +313,30 @@ def bitflip_pallas(
         x_flat, scalars, segments=segments, exp_halves=exp_halves, frac_halves=frac_halves,
         threshold=threshold, interpret=interpret,
         launch=launch or default_launch(max(exp_halves or 0, frac_halves or 0), interpret),
+        with_keep=with_keep and threshold is not None,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("segments", "exp_halves", "frac_halves", "threshold", "interpret", "launch"),
+    jax.jit,
+    static_argnames=("segments", "exp_halves", "frac_halves", "threshold", "interpret", "launch", "with_keep"),
 )
-def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, threshold, interpret, launch: Launch):
+def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, threshold, interpret, launch: Launch,
+                    with_keep: bool):
     (n,) = x_flat.shape
     dtype_name = jnp.dtype(x_flat.dtype).name
     x_bits = lax.bitcast_convert_type(x_flat, BITS_DTYPE[dtype_name])
+    # a small array gets one smaller block (a per-element program keeps its lanes: the rest is masked)
     block = min(launch.block, max(16, pl.next_power_of_2(n)))
+    if launch.mode == "per_element":
+        block = max(block, launch.lanes)
     out_shape = [jax.ShapeDtypeStruct((n,), x_bits.dtype)]
-    if threshold is not None:
+    if with_keep:
         out_shape.append(jax.ShapeDtypeStruct((n,), jnp.int8))
     kernel = functools.partial(
         _bitflip_kernel, n=n, block=block, segments=segments, exp_halves=exp_halves,
         frac_halves=frac_halves, dtype_name=dtype_name, threshold=threshold, interpret=interpret,
-        early_exit=launch.early_exit,
+        launch=launch,
     )
     block_spec = pl.BlockSpec((block,), lambda i: (i,))
     compiler_params = None if interpret else plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=1)
@@ -172,4 +351,4 @@ def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, thres
         name="jaxflip_random_bitflip",
     )(scalars, x_bits)
     y = lax.bitcast_convert_type(outs[0], x_flat.dtype)
-    return y, (outs[1] if threshold is not None else None)
+    return y, (outs[1] if with_keep else None)

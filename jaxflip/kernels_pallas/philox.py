@@ -9,6 +9,7 @@ and is passed in as ``mulhilo``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax.numpy as jnp
@@ -56,28 +57,79 @@ def philox_rounds(halves: int) -> int:
 def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhilo: MulHiLo = mulhilo_16bit_split):
     """Philox-4x32 of counter ``(counter, 0, 0, 0)`` and key ``(key, 0)``.
 
-    ``counter`` is a uint32 array, ``key`` a uint32 scalar (the low word of the seed; the
-    high word is 0 for every seed in jaxflip's contract, seed < 2**31 - 8). Returns the four
-    uint32 output words. Words a caller never uses are dead code for XLA / Triton, so asking
-    for fewer words than four costs fewer multiplies in the last round.
+    ``counter`` is a uint32 array, ``key`` a uint32 scalar or array (the low word of the seed;
+    the high word is 0 for every seed in jaxflip's contract, seed < 2**31 - 8). Returns the
+    four uint32 output words. Words a caller never uses are dead code for XLA / Triton, so
+    asking for fewer words than four costs fewer multiplies in the last round.
     """
+    return philox4x32_after(counter, key, (n_rounds,), mulhilo)[0]
+
+
+def philox4x32_after(counter: jnp.ndarray, key: jnp.ndarray, rounds: tuple[int, ...],
+                     mulhilo: MulHiLo = mulhilo_16bit_split):
+    """The four Philox words after each of ``rounds`` (ascending) rounds, from one pass: for
+    elements whose round count differs (two groups of different halves in one loop)."""
     u32 = jnp.uint32
     c0 = counter
     c1 = c2 = c3 = jnp.zeros_like(counter)
     k0 = key.astype(u32)
     k1 = jnp.zeros_like(k0)
-    for _ in range(n_rounds):
+    states = []
+    for done in range(1, rounds[-1] + 1):
         hi_b, lo_b = mulhilo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = mulhilo(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + u32(PHILOX_KEY_A)
         k1 = k1 + u32(PHILOX_KEY_B)
-    return c0, c1, c2, c3
+        if done in rounds:
+            states.append((c0, c1, c2, c3))
+    return states
 
 
 def philox_calls(halves: int) -> int:
     """Philox calls one group needs: ``ceil(halves / 4)`` (four words per call)."""
     return -(-halves // 4)
+
+
+@dataclass(frozen=True)
+class FlipGroup:
+    """One group of bits flipped together: its ``halves``, its bit ``mask`` and which seed
+    (0: exponent's, 1: fraction's) keys its Philox stream."""
+
+    halves: int
+    mask: int
+    seed: int
+
+
+def flip_groups(exp_halves: int | None, frac_halves: int | None, dtype_name: str,
+                shared_seed: bool = False) -> tuple[FlipGroup, ...]:
+    """The groups that flip, exponent first (the order the reference applies them).
+
+    ``shared_seed``: the two seeds are equal and so are the halves; both groups then AND the
+    same Philox words, so they are one group whose mask is both masks (half the calls, the
+    same bits): the reference's own seeds (every layer starts both at 0) are always so.
+    """
+    groups = tuple(FlipGroup(halves, mask[dtype_name], seed)
+                   for seed, (halves, mask) in enumerate(((exp_halves, SIGN_EXP_MASK), (frac_halves, FRAC_MASK)))
+                   if halves is not None)
+    if shared_seed:
+        if len(groups) != 2 or exp_halves != frac_halves:
+            raise ValueError("shared_seed needs both groups at the same halves")
+        return (FlipGroup(exp_halves, groups[0].mask | groups[1].mask, 0),)
+    return groups
+
+
+def and_call_words(bits: jnp.ndarray, words, n_words) -> jnp.ndarray:
+    """``bits`` AND the first ``n_words`` of a Philox call's four ``words``; ``n_words`` an
+    int, or an int32 array (per element: the call it stands for is a group's last, or not)."""
+    if isinstance(n_words, int):
+        for word in words[:n_words]:
+            bits = bits & word
+        return bits
+    all_ones = jnp.uint32(0xFFFFFFFF)
+    for k, word in enumerate(words):
+        bits = bits & (word if k == 0 else jnp.where(n_words > k, word, all_ones))
+    return bits
 
 
 def group_flip_word(
@@ -106,10 +158,7 @@ def group_flip_word(
     n_calls = philox_calls(halves)
 
     def and_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
-        words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo)
-        for word in words[: 4 if k < q else r]:
-            bits = bits & word
-        return bits
+        return and_call_words(bits, philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo), 4 if k < q else r)
 
     def from_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
         if k == n_calls:
@@ -133,6 +182,7 @@ def flip_bits(
     dtype_name: str,
     mulhilo: MulHiLo = mulhilo_16bit_split,
     early_exit: bool = False,
+    shared_seed: bool = False,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
 
@@ -140,16 +190,12 @@ def flip_bits(
     Philox words are 32-bit; for 16-bit floats the reference truncates each word to 16 bits
     before ANDing, which equals truncating the AND, so we AND in uint32 and narrow once.
     ``early_exit``: see :func:`group_flip_word` (for a kernel block, not a whole tensor).
+    ``shared_seed``: the caller knows the seeds are equal (:func:`flip_groups`).
     """
-    bits_dtype = bits.dtype
-    for halves, seed, mask in (
-        (exp_halves, seed_exp, SIGN_EXP_MASK[dtype_name]),
-        (frac_halves, seed_frac, FRAC_MASK[dtype_name]),
-    ):
-        if halves is None:
-            continue
-        word = group_flip_word(index, seed, halves, mask, mulhilo, early_exit)
-        bits = bits ^ word.astype(bits_dtype)
+    seeds = (seed_exp, seed_frac)
+    for group in flip_groups(exp_halves, frac_halves, dtype_name, shared_seed):
+        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo, early_exit)
+        bits = bits ^ word.astype(bits.dtype)
     return bits
 
 

@@ -154,16 +154,18 @@ def random_bitflip(
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
-def _flip_forward(x, seeds, config: FlipConfig):
-    """``(y, keep)``; keep is None without zero-out."""
+def _flip_forward(x, seeds, config: FlipConfig, with_keep: bool):
+    """``(y, keep)``; keep is None without zero-out, or where no gradient needs it
+    (``with_keep`` False: the kernel then writes no mask)."""
+    with_keep = with_keep and config.threshold is not None
     if x.size == 0:
-        keep = None if config.threshold is None else jnp.ones(x.shape, jnp.int8)
-        return x, keep
+        return x, (jnp.ones(x.shape, jnp.int8) if with_keep else None)
     if config.backend == "jnp":
-        return _flip_jnp(x, seeds, config)
+        y, keep = _flip_jnp(x, seeds, config)
+        return y, (keep if with_keep else None)
     if config.sharding is not None and config.sharding.mesh.size > 1:
-        return _flip_pallas_sharded(x, seeds, config)
-    return _flip_pallas_local(x, seeds, jnp.uint32(0), ((x.size, 1),), config)
+        return _flip_pallas_sharded(x, seeds, config, with_keep)
+    return _flip_pallas_local(x, seeds, jnp.uint32(0), ((x.size, 1),), config, with_keep)
 
 
 def _flip_jnp(x, seeds, config: FlipConfig):
@@ -178,17 +180,17 @@ def _flip_jnp(x, seeds, config: FlipConfig):
     return y, keep.astype(jnp.int8)
 
 
-def _flip_pallas_local(x, seeds, base, segments: Segments, config: FlipConfig):
+def _flip_pallas_local(x, seeds, base, segments: Segments, config: FlipConfig, with_keep: bool):
     scalars = jnp.stack([seeds[0], seeds[1], jnp.asarray(base, jnp.uint32), jnp.uint32(0)])
     y, keep = bitflip_pallas(
         x.reshape(-1), scalars, segments=segments, exp_halves=config.exp_halves,
         frac_halves=config.frac_halves, threshold=config.threshold,
-        interpret=config.backend == "interpret",
+        interpret=config.backend == "interpret", with_keep=with_keep,
     )
     return y.reshape(x.shape), None if keep is None else keep.reshape(x.shape)
 
 
-def _flip_pallas_sharded(x, seeds, config: FlipConfig):
+def _flip_pallas_sharded(x, seeds, config: FlipConfig, with_keep: bool):
     """Each device runs the kernel on its shard with the shard's global indices."""
     mesh = config.sharding.mesh
     spec = tuple(config.sharding.spec) + (None,) * (x.ndim - len(config.sharding.spec))
@@ -210,22 +212,22 @@ def _flip_pallas_sharded(x, seeds, config: FlipConfig):
             for axis in axes:
                 shard = shard * jnp.uint32(mesh.shape[axis]) + jax.lax.axis_index(axis).astype(jnp.uint32)
             base = base + shard * jnp.uint32(local * stride)
-        y, keep = _flip_pallas_local(x_local, seeds, base, segments, config)
-        return (y, keep) if keep is not None else (y,)
+        y, keep = _flip_pallas_local(x_local, seeds, base, segments, config, with_keep)
+        return (y, keep) if with_keep else (y,)
 
-    out_specs = (pspec, pspec) if config.threshold is not None else (pspec,)
+    out_specs = (pspec, pspec) if with_keep else (pspec,)
     outs = jax.shard_map(per_shard, mesh=mesh, in_specs=(pspec, PartitionSpec()),
                          out_specs=out_specs, check_vma=False)(x, seeds)
-    return outs[0], (outs[1] if config.threshold is not None else None)
+    return outs[0], (outs[1] if with_keep else None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _flip(x, seeds, config: FlipConfig):
-    return _flip_forward(x, seeds, config)[0]
+    return _flip_forward(x, seeds, config, with_keep=False)[0]
 
 
 def _flip_fwd(x, seeds, config: FlipConfig):
-    y, keep = _flip_forward(x, seeds, config)
+    y, keep = _flip_forward(x, seeds, config, with_keep=True)
     return checkpoint_name(y, FLIPPED_NAME), (None if keep is None else checkpoint_name(keep, KEEP_NAME))
 
 

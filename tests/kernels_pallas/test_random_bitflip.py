@@ -124,9 +124,9 @@ def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
 
 
 @pytest.mark.slow  # two interpret-mode kernel compiles: 30-60 s on 2 CPU cores (native on a GPU)
-@pytest.mark.parametrize("early_exit", [True, False])
-def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(early_exit):
-    """The kernel at 32 elements / 1 warp per block (where the early exit skips most), against
+@pytest.mark.parametrize("mode", ["block_exit", "dense"])
+def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(mode):
+    """The kernel at 32 elements / 1 warp per block (where the block exit skips most), against
     the jnp path, on bf16 with zero-out and float32 (23 fraction bits) without."""
     from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas
 
@@ -136,7 +136,7 @@ def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(early_exit):
         want, *_ = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
         scalars = jnp.array([8, 9, 0, 0], jnp.uint32)
         got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
-                                threshold=threshold, interpret=interpret, launch=Launch(32, 1, early_exit))
+                                threshold=threshold, interpret=interpret, launch=Launch(32, 1, mode))
         np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
 
 
@@ -342,9 +342,9 @@ def test_eager_calls_of_one_configuration_trace_and_compile_the_flip_once(monkey
     traces = []
     flip_forward = module._flip_forward
 
-    def counting_flip_forward(*args):
+    def counting_flip_forward(*args, **kwargs):
         traces.append(args[2])
-        return flip_forward(*args)
+        return flip_forward(*args, **kwargs)
 
     monkeypatch.setattr(module, "_flip_forward", counting_flip_forward)
     rng = np.random.default_rng()
