@@ -4,14 +4,14 @@ On GPU it lowers through Triton; Pallas's Triton lowering has no rule for ``lax.
 the high word of each Philox product comes from PTX ``mul.hi.u32`` (as in Triton's own
 ``umulhi``, which mase-triton's kernel uses).
 In interpret mode (CPU) the same kernel body runs with the portable 16-bit-split multiply.
-Halves, dtype and threshold are compile-time constants, so each configuration gets
-straight-line code with no unused Philox call; with early exit each block skips a group's
-remaining Philox calls once none of its masked bits survives (``philox.group_flip_word``),
-which changes the work, never the bits.
+Halves, dtype and threshold are compile-time constants; seeds are run-time values. Each
+element runs a group's Philox calls only while a masked bit of its own survives (the
+``per_element`` mode, ``_flip_per_element``), and when the two seeds are equal (the
+reference's seeds always are) both groups take their bits from one Philox stream. Neither
+changes a bit, only the work.
 
-The launch (elements per block, warps per block, early exit) is chosen by the halves
-(:func:`default_launch`) and can be set per process with ``JAXFLIP_BITFLIP_LAUNCH=BLOCK/WARPS``
-(e.g. ``32/1``) and ``JAXFLIP_BITFLIP_EARLY_EXIT=0|1``.
+The launch (elements and warps per program, mode) is :data:`DEFAULT_LAUNCH`; it can be set
+per process with ``JAXFLIP_BITFLIP_LAUNCH=BLOCK/WARPS`` and ``JAXFLIP_BITFLIP_MODE=dense|per_element``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from jaxflip.kernels_pallas.philox import (
     zero_out_keep,
 )
 
-MODES = ("dense", "block_exit", "per_element")
+MODES = ("dense", "per_element")
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,17 @@ class Launch:
     """How the kernel is launched: ``block`` elements per program (a power of two >= 16),
     ``num_warps`` warps per program (GPU only) and the ``mode`` of its Philox loop:
 
-    * ``"dense"``: every element computes every Philox call of its groups;
-    * ``"block_exit"``: a group's remaining calls are skipped once no masked bit of the whole
-      block survives (``philox.group_flip_word``);
+    * ``"dense"``: every element computes every Philox call of its groups, one element per
+      thread (the plain form, for reference and comparison);
     * ``"per_element"``: each element continues only while its own masked bits survive. A
       program is ``32 * num_warps`` lanes over ``block / lanes`` slots (at most 16): first
       every element's first call of each group (dense, no bookkeeping), then each lane works
       through its own queue of the elements and groups still alive, one Philox call per
       iteration, until every lane's queue is empty (``_flip_per_element``).
 
-    All three give the same bits; only the work differs."""
+    Both give the same bits; only the work differs. (A third mode, skipping a group's
+    remaining calls once no masked bit of a whole 32-element block survived, was slower at
+    every halves than ``per_element``: benchmarks/NOTES.md, issue 20.)"""
 
     block: int
     num_warps: int
@@ -80,30 +81,24 @@ class Launch:
         return 32 * self.num_warps
 
 
-# per_element keeps a lane's pending (slot, group) items as bits of one uint32
-MAX_SLOTS = 16
+# per_element keeps a lane's pending slots as the bits of one uint32 per group
+MAX_SLOTS = 32
 
-# Launches by the most Philox calls a group needs (``ceil(halves / 4)``):
-# - one or two calls (halves <= 8): 256 elements / 8 warps, one element per thread, dense.
-#   With one call there is nothing to skip, with two little (bf16 halves 8 at 256/8, H200:
-#   block exit 2.19 ms against dense 1.98, benchmarks/NOTES.md "Kernel early exit").
-# - three or more (halves >= 9): per element, 512 elements on one warp (16 slots a lane).
-#   At halves 16, after the first call only 44% of bf16 exponent groups (9 bits) still have a
-#   live bit, 3.5% after two: per-element continuation needs ~1.48 calls per group, a block of
-#   32 (block exit) ~2.74, dense 4.
-FEW_CALLS_LAUNCH = Launch(block=256, num_warps=8, mode="dense")
-MANY_CALLS_LAUNCH = Launch(block=512, num_warps=1, mode="per_element")
-MANY_CALLS = 3
+# Measured on an H100 (benchmarks/NOTES.md, issue 20; bf16, 2**27 elements, unequal seeds):
+# per-element blocks of one warp beat dense 256-element blocks of 8 warps at every halves
+# measured (halves 4: 0.95 against 1.21 ms; 8: 1.90 / 1.88; 16: 2.23 / 3.82; 24: 2.76 / 7.29).
+# With one Philox call per group there is no second phase; the first, a loop over a lane's
+# slots, still runs faster than one element per thread. At halves 16, after the first call
+# only 44% of bf16 exponent groups (9 bits) still have a live bit, 3.5% after two: per-element
+# continuation needs ~1.48 calls per group where dense needs 4.
+DEFAULT_LAUNCH = Launch(block=1024, num_warps=1, mode="per_element")
 
 
 @functools.cache
-def default_launch(halves: int = 1, interpret: bool = False) -> Launch:
-    """The launch for groups of at most ``halves`` (the larger of the two groups'), with the
-    environment's overrides (read once per process). In interpret mode (CPU) blocks stay at
-    256 elements, where the interpreter runs fastest; the mode follows the rule, as on a GPU."""
-    launch = MANY_CALLS_LAUNCH if philox_calls(halves) >= MANY_CALLS else FEW_CALLS_LAUNCH
-    if interpret:
-        launch = Launch(256, 1 if launch.mode == "per_element" else 8, launch.mode)
+def default_launch(interpret: bool = False) -> Launch:
+    """The launch, with the environment's overrides (read once per process). In interpret
+    mode (CPU) blocks stay at 256 elements, where the interpreter runs fastest."""
+    launch = Launch(256, 1, DEFAULT_LAUNCH.mode) if interpret else DEFAULT_LAUNCH
     text = os.environ.get("JAXFLIP_BITFLIP_LAUNCH")
     mode = os.environ.get("JAXFLIP_BITFLIP_MODE") or launch.mode
     if mode not in MODES:
@@ -111,7 +106,7 @@ def default_launch(halves: int = 1, interpret: bool = False) -> Launch:
     if text:
         block, sep, warps = text.partition("/")
         if not (sep and block.isdigit() and warps.isdigit()):
-            raise ValueError(f"JAXFLIP_BITFLIP_LAUNCH must be BLOCK/WARPS, e.g. 512/1, got {text!r}")
+            raise ValueError(f"JAXFLIP_BITFLIP_LAUNCH must be BLOCK/WARPS, e.g. 1024/1, got {text!r}")
         return Launch(int(block), int(warps), mode)
     return Launch(launch.block, launch.num_warps, mode)
 
@@ -168,15 +163,14 @@ def _finish(bits, dtype_name, threshold):
 
 def _flip_block(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, dtype_name, threshold,
                 mulhilo, launch):
-    """Dense or block-exit mode: the whole block's groups in one pass, one element per lane."""
+    """Dense mode: the whole block's groups in one pass, one element per lane."""
     pos = lax.iota(jnp.int32, block)
     local = first + pos
     in_bounds = local < n
     index = segments_global_index(local.astype(jnp.uint32), segments, base)
     bits = _load(x_ref, pos, in_bounds)
     for group in groups:
-        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo,
-                               early_exit=launch.mode == "block_exit")
+        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo)
         bits = bits ^ word.astype(bits.dtype)
     bits, keep = _finish(bits, dtype_name, threshold)
     _store(y_ref, pos, bits, in_bounds)
@@ -188,17 +182,18 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
                       mulhilo, launch):
     """Per-element continuation (``Launch.mode == "per_element"``), bit-identical to dense.
 
-    Phase 1, dense: slot by slot, every element's first Philox call of each group. An element
-    whose groups are all settled (no masked bit left, or no call left) is written out; the
-    others get their partial flip word written to ``y_ref`` as scratch, and each lane marks
-    its unsettled (slot, group) items as bits of one uint32.
+    Phase 1, dense: slot by slot (two at a time, for instruction-level parallelism), every
+    element's first Philox call of each group. An element whose groups are all settled (no
+    masked bit left, or no call left) is written out; the others get their partial flip word
+    written to ``y_ref`` as scratch, and each lane marks its unsettled slots, one uint32 of
+    slot bits per group.
 
-    Phase 2, one loop: each lane takes its lowest pending item, reads the word back, runs the
-    item's next Philox call, and settles it once no masked bit survives or its calls are
-    done; an element is written out (flip, zero-out, keep) when its last item settles. The
-    loop runs until every lane of the program is done: a lane waits only for the lanes of
-    its own program, not for the slowest element of a block as in block-exit mode. A lane
-    reads back only what it wrote itself, so no synchronisation is needed.
+    Phase 2, one loop: each lane takes its lowest pending (slot, group) item, the exponent
+    before the fraction, runs the item's next Philox call per iteration, and settles it once
+    no masked bit survives or its calls are done; an element is written out (flip, zero-out,
+    keep) when its last item settles. The loop runs until every lane of the program is done:
+    a lane waits only for the lanes of its own program, not for the slowest element of a
+    block. A lane reads back only what it wrote itself, so no synchronisation is needed.
     """
     lanes = launch.lanes
     n_groups = len(groups)
@@ -208,12 +203,12 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
     def global_index(pos):
         return segments_global_index((first + pos).astype(u32), segments, base)
 
-    def settle(pos, x_bits, word, mask):
-        """Write out the elements at ``pos`` (where ``mask``) flipped by ``word``."""
+    def write(pos, x_bits, word, done, mask):
+        """Where ``mask``: the flipped, zeroed-out element where ``done``, else the scratch word."""
         y, keep = _finish(x_bits ^ word.astype(x_bits.dtype), dtype_name, threshold)
-        _store(y_ref, pos, y, mask)
+        _store(y_ref, pos, jnp.where(done, y, word.astype(x_bits.dtype)), mask)
         if keep_ref is not None:
-            _store(keep_ref, pos, keep, mask)
+            _store(keep_ref, pos, keep, mask & done)
 
     def first_calls(slot, pending):
         pos = slot * lanes + lane
@@ -221,45 +216,65 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
         x_bits = _load(x_ref, pos, in_bounds)
         index = global_index(pos)
         word = jnp.zeros((lanes,), u32)
+        unsettled = jnp.zeros((lanes,), jnp.bool_)
+        pending = list(pending)
         for g, group in enumerate(groups):
             words = philox4x32(index, seeds[group.seed].astype(u32), philox_rounds(group.halves), mulhilo)
             acc = and_call_words(u32(group.mask), words, min(4, group.halves))
             word = word | acc
             if philox_calls(group.halves) > 1:
-                alive = ((acc != 0) & in_bounds).astype(u32)
-                pending = pending | (alive << (slot * n_groups + g).astype(u32))
-        unsettled = ((pending >> (slot * n_groups).astype(u32)) & u32((1 << n_groups) - 1)) != 0
-        settle(pos, x_bits, word, in_bounds & ~unsettled)
-        _store(y_ref, pos, word.astype(x_bits.dtype), unsettled)
+                alive = (acc != 0) & in_bounds
+                unsettled = unsettled | alive
+                pending[g] = pending[g] | (alive.astype(u32) << slot.astype(u32))
+        write(pos, x_bits, word, ~unsettled, in_bounds)
+        return tuple(pending)
+
+    slots = block // lanes
+    zeros = jnp.zeros((lanes,), u32)
+    per_step = min(2, slots)  # by hand: Pallas's Triton lowering has no scan unroll
+
+    def first_calls_of_step(step, pending):
+        for k in range(per_step):
+            pending = first_calls(step * per_step + k, pending)
         return pending
 
-    pending = lax.fori_loop(0, block // lanes, first_calls, jnp.zeros((lanes,), u32))
+    pending = lax.fori_loop(0, slots // per_step, first_calls_of_step, (zeros,) * n_groups)
 
     def per_group(values, g, dtype=jnp.int32):
-        """``values[g]`` per lane, for the group index ``g`` of each lane's item."""
+        """``values[g]`` per lane, for the group ``g`` of each lane's item."""
         values = [jnp.asarray(v, dtype) for v in values]
         return values[0] if n_groups == 1 else jnp.where(g == 0, values[0], values[1])
+
+    def lowest_bit(word):  # 32 for no bit
+        lowest = 31 - lax.clz(lax.bitcast_convert_type(word & (~word + u32(1)), jnp.int32))
+        return jnp.where(word == 0, 32, lowest)
 
     rounds = tuple(sorted({philox_rounds(group.halves) for group in groups}))
 
     def busy(state):
-        pending, item = state[:2]
-        return jnp.max(((pending != 0) | (item >= 0)).astype(jnp.int32)) > 0
+        pending, slot = state[0], state[1]
+        idle = slot < 0
+        for word in pending:
+            idle = idle & (word == 0)
+        return jnp.max((~idle).astype(jnp.int32)) > 0
 
     def next_call(state):
-        pending, item, call, acc, others = state
-        start = (item < 0) & (pending != 0)
-        lowest = 31 - lax.clz(lax.bitcast_convert_type(pending & (~pending + u32(1)), jnp.int32))
-        item = jnp.where(start, lowest, item)
-        pending = jnp.where(start, pending & (pending - u32(1)), pending)
-        active = item >= 0
-        slot = jnp.maximum(item, 0) // n_groups
-        g = item % n_groups
-        pos = slot * lanes + lane
+        pending, slot, g, call, acc, others, x_bits = state
+        start = slot < 0
+        lowest = [lowest_bit(word) for word in pending]
+        new_g = jnp.zeros_like(slot) if n_groups == 1 else (lowest[1] < lowest[0]).astype(jnp.int32)
+        new_slot = per_group(lowest, new_g)
+        start = start & (new_slot < 32)
+        slot = jnp.where(start, new_slot, slot)
+        g = jnp.where(start, new_g, g)
+        pending = tuple(jnp.where(start & (g == k), word & (word - u32(1)), word) for k, word in enumerate(pending))
+        active = slot >= 0
+        pos = jnp.maximum(slot, 0) * lanes + lane
         mask = per_group([group.mask for group in groups], g, u32)
         scratch = _load(y_ref, pos, start).astype(u32)
         acc = jnp.where(start, scratch & mask, acc)
         others = jnp.where(start, scratch ^ (scratch & mask), others)  # the other group's settled bits
+        x_bits = jnp.where(start, _load(x_ref, pos, start), x_bits)  # loaded early: its latency hides behind Philox
         call = jnp.where(start, 1, call)
 
         seed = per_group([seeds[group.seed] for group in groups], g, u32)
@@ -273,19 +288,16 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
         acc = and_call_words(acc, words, jnp.where(call < full_calls, 4, last_words))
         last_call = per_group([philox_calls(group.halves) - 1 for group in groups], g)
         settled = active & ((acc == 0) | (call == last_call))
-        word = others | acc
-        # the element's fraction item comes next when its exponent item settles with it pending
-        sibling = (g == 0) & (((pending >> jnp.maximum(item + 1, 0).astype(u32)) & u32(1)) != 0) \
-            if n_groups == 2 else jnp.zeros_like(settled)
-        done = settled & ~sibling
-        x_bits = _load(x_ref, pos, done)
-        settle(pos, x_bits, word, done)
-        _store(y_ref, pos, word.astype(x_bits.dtype), settled & sibling)
-        return pending, jnp.where(settled, -1, item), call + 1, acc, others
+        if n_groups == 2:  # the element's fraction item is still to come
+            sibling = (g == 0) & (((pending[1] >> jnp.maximum(slot, 0).astype(u32)) & u32(1)) != 0)
+        else:
+            sibling = jnp.zeros_like(settled)
+        write(pos, x_bits, others | acc, ~sibling, settled)
+        return pending, jnp.where(settled, -1, slot), g, call + 1, acc, others, x_bits
 
-    zeros = jnp.zeros((lanes,), u32)
-    lax.while_loop(busy, next_call, (pending, jnp.full((lanes,), -1, jnp.int32), jnp.zeros((lanes,), jnp.int32),
-                                     zeros, zeros))
+    minus_one = jnp.full((lanes,), -1, jnp.int32)
+    lax.while_loop(busy, next_call, (pending, minus_one, minus_one, minus_one, zeros, zeros,
+                                     jnp.zeros((lanes,), x_ref.dtype)))
 
 
 def bitflip_pallas(
@@ -312,7 +324,7 @@ def bitflip_pallas(
     return _bitflip_pallas(
         x_flat, scalars, segments=segments, exp_halves=exp_halves, frac_halves=frac_halves,
         threshold=threshold, interpret=interpret,
-        launch=launch or default_launch(max(exp_halves or 0, frac_halves or 0), interpret),
+        launch=launch or default_launch(interpret),
         with_keep=with_keep and threshold is not None,
     )
 

@@ -138,7 +138,6 @@ def group_flip_word(
     halves: int,
     group_mask: int,
     mulhilo: MulHiLo = mulhilo_16bit_split,
-    early_exit: bool = False,
 ) -> jnp.ndarray:
     """uint32 word whose bits of ``group_mask`` are set with probability ``0.5 ** halves`` each.
 
@@ -146,30 +145,14 @@ def group_flip_word(
     four words of ``philox(seed + k, index)`` for ``k < q``, then the first ``r`` words of
     ``philox(seed + q, index)``. mase-triton also computes ``philox(seed + q)`` when r == 0
     and discards it; we do not compute it at all.
-
-    ``early_exit``: ANDing can only clear bits, so once no bit of ``group_mask`` survives in
-    the whole array (one kernel block) the remaining Philox calls cannot change the result;
-    after each call but the last, a ``lax.cond`` on the array's maximum skips them. The
-    result is the same bit for bit; only the work differs. The first call always runs.
     """
     n_rounds = philox_rounds(halves)
     q, r = divmod(halves, 4)
     seed = seed.astype(jnp.uint32)
-    n_calls = philox_calls(halves)
-
-    def and_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
-        return and_call_words(bits, philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo), 4 if k < q else r)
-
-    def from_call(k: int, bits: jnp.ndarray) -> jnp.ndarray:
-        if k == n_calls:
-            return bits
-        if not early_exit:
-            return from_call(k + 1, and_call(k, bits))
-        # jnp.any lowers to a reduce_or that Pallas's Triton lowering lacks; an int32 max lowers
-        survivors = jnp.max((bits != 0).astype(jnp.int32))
-        return lax.cond(survivors > 0, lambda b: from_call(k + 1, and_call(k, b)), lambda b: b, bits)
-
-    return from_call(1, and_call(0, jnp.uint32(group_mask)))
+    bits = jnp.uint32(group_mask)
+    for k in range(philox_calls(halves)):
+        bits = and_call_words(bits, philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo), 4 if k < q else r)
+    return bits
 
 
 def flip_bits(
@@ -181,7 +164,6 @@ def flip_bits(
     frac_halves: int | None,
     dtype_name: str,
     mulhilo: MulHiLo = mulhilo_16bit_split,
-    early_exit: bool = False,
     shared_seed: bool = False,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
@@ -189,12 +171,11 @@ def flip_bits(
     The exponent group then the fraction group, each with its own halves and seed. The
     Philox words are 32-bit; for 16-bit floats the reference truncates each word to 16 bits
     before ANDing, which equals truncating the AND, so we AND in uint32 and narrow once.
-    ``early_exit``: see :func:`group_flip_word` (for a kernel block, not a whole tensor).
     ``shared_seed``: the caller knows the seeds are equal (:func:`flip_groups`).
     """
     seeds = (seed_exp, seed_frac)
     for group in flip_groups(exp_halves, frac_halves, dtype_name, shared_seed):
-        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo, early_exit)
+        word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo)
         bits = bits ^ word.astype(bits.dtype)
     return bits
 

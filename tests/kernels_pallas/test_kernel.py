@@ -25,16 +25,14 @@ def launch_env(monkeypatch):
     kernel.default_launch.cache_clear()
 
 
-@pytest.mark.parametrize("halves,launch", [(1, kernel.FEW_CALLS_LAUNCH), (8, kernel.FEW_CALLS_LAUNCH),
-                                           (9, kernel.MANY_CALLS_LAUNCH), (24, kernel.MANY_CALLS_LAUNCH)])
-def test_groups_of_three_or_more_philox_calls_continue_per_element(launch_env, halves, launch):
-    assert kernel.default_launch(halves) == launch
+def test_the_default_launch_continues_per_element(launch_env):
+    assert kernel.default_launch() == kernel.DEFAULT_LAUNCH and kernel.DEFAULT_LAUNCH.mode == "per_element"
 
 
 def test_environment_overrides_the_default_launch(launch_env):
     launch_env("JAXFLIP_BITFLIP_LAUNCH", "64/2")
-    launch_env("JAXFLIP_BITFLIP_MODE", "block_exit")
-    assert kernel.default_launch(24) == kernel.Launch(block=64, num_warps=2, mode="block_exit")
+    launch_env("JAXFLIP_BITFLIP_MODE", "dense")
+    assert kernel.default_launch() == kernel.Launch(block=64, num_warps=2, mode="dense")
 
 
 @pytest.mark.parametrize("name,value,message", [
@@ -42,13 +40,13 @@ def test_environment_overrides_the_default_launch(launch_env):
     ("JAXFLIP_BITFLIP_LAUNCH", "48/1", "Launch.block must be a power of two >= 16"),
     ("JAXFLIP_BITFLIP_LAUNCH", "8/1", "Launch.block must be a power of two >= 16"),
     ("JAXFLIP_BITFLIP_LAUNCH", "64/3", "Launch.num_warps must be a power of two"),
-    ("JAXFLIP_BITFLIP_MODE", "exit", "must be one of dense, block_exit, per_element"),
-    ("JAXFLIP_BITFLIP_LAUNCH", "1024/1", "must be 1 to 16 times 32 \\* num_warps in per_element mode"),
+    ("JAXFLIP_BITFLIP_MODE", "block_exit", "must be one of dense, per_element"),
+    ("JAXFLIP_BITFLIP_LAUNCH", "2048/1", "must be 1 to 32 times 32 \\* num_warps in per_element mode"),
 ])
 def test_bad_launch_settings_are_one_line_errors(launch_env, name, value, message):
     launch_env(name, value)
     with pytest.raises(ValueError, match=message):
-        kernel.default_launch(24)
+        kernel.default_launch()
 
 
 def calls_needed(index, seed, halves, mask):
@@ -97,7 +95,7 @@ def test_per_element_continuation_equals_the_jnp_path(dtype, shape, local_shape,
     got, keep = kernel.bitflip_pallas(x, jnp.array([seed_exp, seed_frac, base, 0], jnp.uint32),
                                       segments=shard_segments(shape, local_shape), exp_halves=exp_halves,
                                       frac_halves=frac_halves, threshold=threshold, interpret=True,
-                                      launch=kernel.Launch(128, 1, "per_element"))
+                                      launch=kernel.Launch(128, 1, "per_element"))  # 4 slots a lane
     got_bits = np.asarray(jax.lax.bitcast_convert_type(got, BITS_DTYPE[dtype]))
     np.testing.assert_array_equal(got_bits, want_bits[region].reshape(-1))
     if threshold is not None:  # kept where the flipped value, before zero-out, is below the threshold
@@ -125,10 +123,9 @@ GPU_CASES = [  # shape, exp_halves, frac_halves, zero-out threshold, equal seeds
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", [kernel.FEW_CALLS_LAUNCH, kernel.MANY_CALLS_LAUNCH,
-                                    kernel.Launch(block=32, num_warps=1, mode="block_exit"),
-                                    kernel.Launch(block=1024, num_warps=2, mode="per_element")],
-                         ids=["256-8-dense", "512-1-per-element", "32-1-block-exit", "1024-2-per-element"])
+@pytest.mark.parametrize("launch", [kernel.DEFAULT_LAUNCH, kernel.Launch(block=256, num_warps=8, mode="dense"),
+                                    kernel.Launch(block=2048, num_warps=2, mode="per_element")],
+                         ids=["default", "256-8-dense", "2048-2-per-element"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape, exp_halves, frac_halves, threshold, equal_seeds", GPU_CASES)
 def test_compiled_kernel_is_bit_exact_to_mase_tritons_cuda_kernel(launch, dtype, shape, exp_halves, frac_halves,

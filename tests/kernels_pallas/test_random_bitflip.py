@@ -124,9 +124,9 @@ def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
 
 
 @pytest.mark.slow  # two interpret-mode kernel compiles: 30-60 s on 2 CPU cores (native on a GPU)
-@pytest.mark.parametrize("mode", ["block_exit", "dense"])
-def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(mode):
-    """The kernel at 32 elements / 1 warp per block (where the block exit skips most), against
+@pytest.mark.parametrize("launch", [(1024, 1, "per_element"), (32, 1, "dense")])
+def test_large_and_warp_sized_blocks_equal_jnp(launch):
+    """The kernel at 32 slots a lane (the GPU's default) and at 32 elements / 1 warp, against
     the jnp path, on bf16 with zero-out and float32 (23 fraction bits) without."""
     from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas
 
@@ -136,7 +136,7 @@ def test_warp_sized_blocks_equal_jnp_with_and_without_early_exit(mode):
         want, *_ = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
         scalars = jnp.array([8, 9, 0, 0], jnp.uint32)
         got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
-                                threshold=threshold, interpret=interpret, launch=Launch(32, 1, mode))
+                                threshold=threshold, interpret=interpret, launch=Launch(*launch))
         np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
 
 
