@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import numpy as np
+from jaxflip.train.program_stats import type_bytes
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -19,17 +19,6 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _INSTRUCTION = re.compile(
     r"=\s*(?P<type>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
     r"(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-
-
-def _type_bytes(hlo_type: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(hlo_type):
-        if dtype in _BYTES:
-            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return total
 
 
 def collective_bytes(hlo_text: str) -> Counter:
@@ -38,5 +27,5 @@ def collective_bytes(hlo_text: str) -> Counter:
     (an upper bound: the check it serves is one of orders of magnitude)."""
     moved = Counter()
     for match in _INSTRUCTION.finditer(hlo_text):
-        moved[match.group("op")] += _type_bytes(match.group("type"))
+        moved[match.group("op")] += type_bytes(match.group("type"))
     return moved

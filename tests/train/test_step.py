@@ -10,6 +10,7 @@ from jaxflip.bitflip import BitflipSeed, LoRAParam
 from jaxflip.models.scan import unstack_layers
 from jaxflip.models.sharding import make_mesh
 from jaxflip.train import setup
+from jaxflip.train.program_stats import executed_count
 from jaxflip.train.step import batch_sharding, init_state, make_optimizer, make_train_step, merge_model
 
 FLIP = dict(x_p_exp=0.5**10, x_p_frac=0.5**6, x_zero_out_t=30.0, w_p_exp=0.5**10, w_p_frac=0.5**6, w_zero_out_t=1.25)
@@ -94,21 +95,6 @@ def test_scanned_layers_train_as_the_loop_does(tiny_job, lora):
     fresh_seeds = flat_values(fresh, BitflipSeed)
     advanced = [path for path in seeds if not np.array_equal(seeds[path], fresh_seeds[path])]
     assert {path[2] for path in advanced} == {0, 1}, "every layer's down_proj should flip"
-
-
-def executed_count(jaxpr, primitive: str) -> int:
-    """How many times ``primitive`` runs when ``jaxpr`` runs: equations in nested jaxprs
-    (jit, remat, custom rules), those in a scan body times its length."""
-    from jax.extend.core import jaxprs_in_params
-
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            total += 1
-            continue
-        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        total += repeat * sum(executed_count(sub, primitive) for sub in jaxprs_in_params(eqn.params))
-    return total
 
 
 @pytest.mark.parametrize("remat,lora,flips_per_tensor", [("full", 0, 2), ("flips", 0, 1), ("dots_flips", 4, 1)])
