@@ -63,6 +63,18 @@ def check_halves(name: str, halves) -> None:
         raise ValueError(f"{name} must be in 1..{MAX_HALVES} (flip probability 0.5**{name}), got {halves}")
 
 
+def check_threshold(threshold) -> float | None:
+    """The zero-out threshold as a float (None: no zero-out); ``TypeError`` unless a real
+    number, ``ValueError`` unless ``>= 0``."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"zero_out_threshold must be a float or None, got {threshold!r}")
+    if not threshold >= 0:
+        raise ValueError(f"zero_out_threshold must be >= 0, got {threshold}")
+    return float(threshold)
+
+
 def check_seed(name: str, seed) -> int:
     """``seed`` as an int when it is an integer in ``[0, SEED_LIMIT)``; else ``ValueError``
     naming ``name``."""

@@ -32,7 +32,7 @@ from jaxflip.kernels_pallas.layout import (
     row_major_strides,
     shard_segments,
 )
-from jaxflip.kernels_pallas.limits import SEED_LIMIT, check_halves, check_seed
+from jaxflip.kernels_pallas.limits import SEED_LIMIT, check_halves, check_seed, check_threshold
 from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, zero_out_keep
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -129,12 +129,7 @@ def random_bitflip(
     check_halves("frac_halves", frac_halves)
     _check_seed_or_scalar("seed_exp", seed_exp)
     _check_seed_or_scalar("seed_frac", seed_frac)
-    if zero_out_threshold is not None:
-        if isinstance(zero_out_threshold, bool) or not isinstance(zero_out_threshold, (int, float, np.floating)):
-            raise TypeError(f"zero_out_threshold must be a float or None, got {zero_out_threshold!r}")
-        if not zero_out_threshold >= 0:
-            raise ValueError(f"zero_out_threshold must be >= 0, got {zero_out_threshold}")
-        zero_out_threshold = float(zero_out_threshold)
+    zero_out_threshold = check_threshold(zero_out_threshold)
     if math.prod(x.shape) >= 2**32:
         raise ValueError(f"random_bitflip: {math.prod(x.shape)} elements exceed the 2**32 Philox counters")
     backend = backend or _default_backend(x)

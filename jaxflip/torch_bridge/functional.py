@@ -20,7 +20,7 @@ import jax
 import torch
 
 from jaxflip.kernels_pallas import random_bitflip as jax_random_bitflip
-from jaxflip.kernels_pallas.limits import check_halves, check_seed
+from jaxflip.kernels_pallas.limits import check_halves, check_seed, check_threshold
 from jaxflip.kernels_pallas.random_bitflip import advance_seed
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,6 +95,7 @@ def random_bitflip_fn(x: torch.Tensor, exp_halves: int | None, frac_halves: int 
         raise TypeError(f"random_bitflip_fn: unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
     check_halves("exp_halves", exp_halves)
     check_halves("frac_halves", frac_halves)
+    zero_out_threshold = check_threshold(zero_out_threshold)
     for name, seed in (("seed_exp", seed_exp), ("seed_frac", seed_frac)):
         if not isinstance(seed, torch.SymInt):  # under torch.compile the op checks it when it runs
             check_seed(name, seed)

@@ -74,11 +74,13 @@ class RandomBitFlipLinear(torch.nn.Linear):
         return layer
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, x_nearest_p_exp={prob(self.x_nearest_exp_halves)}, "
-                f"x_nearest_p_frac={prob(self.x_nearest_frac_halves)}, x_zero_out_threshold={self.x_zero_out_t}, "
+        return (f"{super().extra_repr()}, x_nearest_p_exp={format_probability(self.x_nearest_exp_halves)}, "
+                f"x_nearest_p_frac={format_probability(self.x_nearest_frac_halves)}, "
+                f"x_zero_out_threshold={self.x_zero_out_t}, "
                 f"x_seed_exp={self.x_seed_exp}, x_seed_frac={self.x_seed_frac}, "
-                f"w_nearest_p_exp={prob(self.w_nearest_exp_halves)}, "
-                f"w_nearest_p_frac={prob(self.w_nearest_frac_halves)}, w_zero_out_threshold={self.w_zero_out_t}, "
+                f"w_nearest_p_exp={format_probability(self.w_nearest_exp_halves)}, "
+                f"w_nearest_p_frac={format_probability(self.w_nearest_frac_halves)}, "
+                f"w_zero_out_threshold={self.w_zero_out_t}, "
                 f"w_seed_exp={self.w_seed_exp}, w_seed_frac={self.w_seed_frac}")
 
 
@@ -103,7 +105,8 @@ class RandomBitFlipDropout(torch.nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (f"nearest_p_exp={prob(self.nearest_exp_halves)}, nearest_p_frac={prob(self.nearest_frac_halves)}, "
+        return (f"nearest_p_exp={format_probability(self.nearest_exp_halves)}, "
+                f"nearest_p_frac={format_probability(self.nearest_frac_halves)}, "
                 f"zero_out_threshold={self.zero_out_t}, seed_exp={self.seed_exp}, seed_frac={self.seed_frac}")
 
 
@@ -111,6 +114,6 @@ def _flips(exp_halves: int | None, frac_halves: int | None, zero_out_t: float | 
     return not (exp_halves is None and frac_halves is None and zero_out_t is None)
 
 
-def prob(halves: int | None) -> str:
+def format_probability(halves: int | None) -> str:
     """A flip probability as mase-triton's ``extra_repr`` writes it."""
     return "None" if halves is None else f"{calculate_flip_probability(halves):.2e}"

@@ -32,9 +32,10 @@ def model_pair(features: tuple[int, int, int], dtype: torch.dtype, device: str, 
             for parameter in linear.parameters():
                 values = rng.standard_normal(tuple(parameter.shape)).astype(np.float32) * 0.3
                 parameter.copy_(torch.from_numpy(values))
+    layer_kinds = ((MaseLinear, MaseDropout), (RandomBitFlipLinear, RandomBitFlipDropout))
     return tuple(torch.nn.Sequential(linear_cls.from_linear(first, **FIRST), torch.nn.ReLU(), dropout_cls(**DROPOUT),
                                      linear_cls.from_linear(second, **SECOND))
-                 for linear_cls, dropout_cls in ((MaseLinear, MaseDropout), (RandomBitFlipLinear, RandomBitFlipDropout)))
+                 for linear_cls, dropout_cls in layer_kinds)
 
 
 def seeds(model: torch.nn.Module) -> list[tuple[str, int]]:
@@ -60,7 +61,8 @@ def assert_compiled_matches_mase(dtype: torch.dtype, device: str, backend: str, 
                 results.append((y.detach(), x_leaf.grad))
             tolerance = dict(rtol=0, atol=0) if exact else {}
             for got, expected in zip(results[1], results[0]):
-                torch.testing.assert_close(got, expected, equal_nan=True, **tolerance, msg=lambda m: f"call {call}: {m}")
+                torch.testing.assert_close(got, expected, equal_nan=True, **tolerance,
+                                           msg=lambda message: f"call {call}: {message}")
             assert seeds(ours) == seeds(mase), f"call {call}"
 
 

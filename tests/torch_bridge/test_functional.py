@@ -75,7 +75,8 @@ def test_the_dropout_layer_matches_mase_over_three_calls():
             x_leaf = x.clone().requires_grad_(True)
             y = layer(x_leaf)
             (y * grad_y).sum().backward()
-            results.append((y.detach().view(torch.int16), x_leaf.grad.view(torch.int16), layer.seed_exp, layer.seed_frac))
+            results.append((y.detach().view(torch.int16), x_leaf.grad.view(torch.int16), layer.seed_exp,
+                            layer.seed_frac))
         assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1]), f"call {call}"
         assert results[1][2:] == results[0][2:], f"call {call}"
 
@@ -131,3 +132,23 @@ def test_a_layer_on_meta_tensors_gives_meta_outputs_and_advances_its_seeds():
     y.sum().backward()
     assert (y.device.type, y.shape, x.grad.device.type) == ("meta", (5, 40), "meta")
     assert (layer.x_seed_exp, layer.x_seed_frac, layer.w_seed_exp, layer.w_seed_frac) == (1, 3, 4, 1)
+
+
+def test_zero_out_without_flips_compares_in_the_tensor_dtype_as_mase():
+    """mase-triton's torch code (not its kernel) zeroes out when nothing flips, comparing with
+    the threshold cast to bf16; 0.1003 rounds to the bf16 0.10009765625, which is then zeroed."""
+    import mase_reference
+    from mase_triton.random_bitflip import functional as mase
+
+    mase_reference.install_cpu_kernels()
+    values = np.random.default_rng().uniform(0.09, 0.11, 256).astype(np.float32)
+    x = torch.from_numpy(np.append(values, 0.10009765625)).to(torch.bfloat16).requires_grad_(True)
+    y, _, _ = random_bitflip_fn(x, None, None, 0, 0, 0.1003)
+    expected, _, _ = mase.random_bitflip_fn(x, None, None, 0, 0, 0.1003)
+    assert torch.equal(y, expected) and y[-1] == 0
+
+
+def test_a_negative_threshold_is_refused_without_flips_too():
+    x = torch.from_numpy(np.random.default_rng().standard_normal(8).astype(np.float32))
+    with pytest.raises(ValueError, match=r"^zero_out_threshold must be >= 0, got -0.5$"):
+        random_bitflip_fn(x, None, None, 0, 0, -0.5)

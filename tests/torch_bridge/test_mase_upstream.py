@@ -14,7 +14,8 @@ suite fast; on CUDA they are their sizes.
 import pytest
 import torch
 
-from jaxflip.torch_bridge import RandomBitFlipDropout, RandomBitFlipLinear, find_nearest_prob_n_halves, random_bitflip_fn
+from jaxflip.torch_bridge import (RandomBitFlipDropout, RandomBitFlipLinear, find_nearest_prob_n_halves,
+                                  random_bitflip_fn)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 SCALE = {"cpu": 4, "cuda": 1}  # their sizes divided by this, per side
