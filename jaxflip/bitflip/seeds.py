@@ -17,8 +17,8 @@ Two ways to choose the starting seeds (``apply_bitflip_rules``'s ``seed_mode``):
   same positions.
 * ``"independent"``: a hash of (base seed, layer name, seed name), in ``[0, 2**30)``. A group
   advances by at most 6 per call (``ceil(24 / 4)``) and the kernel accepts seeds below
-  ``2**31 - 8``, so every stream has room for more than 1.7e8 calls before it leaves the
-  kernel's range. Streams are not guaranteed disjoint: two layers' seed ranges can overlap
+  ``2**31 - 8``, so every stream has room for more than 1.7e8 calls before it wraps around
+  to 0 (``advance_seed``). Streams are not guaranteed disjoint: two layers' seed ranges can overlap
   after many calls, and then one layer replays the other's flip positions from an earlier
   call (never in the same call unless their starting seeds collide, which has probability
   about 1e-9 per pair).

@@ -13,7 +13,7 @@ import math
 import numbers
 
 MAX_HALVES = 24  # the smallest flip probability the kernel supports is 0.5**24
-SEED_LIMIT = 2**31 - 8  # 0 <= seed < 2**31 - 8: mase-triton's exact range
+SEED_LIMIT = 2**31 - 8  # 0 <= seed < 2**31 - 8: mase-triton's exact range; advanced seeds wrap modulo it
 
 
 def find_nearest_prob_n_halves(p: float | None) -> int | None:
@@ -23,10 +23,12 @@ def find_nearest_prob_n_halves(p: float | None) -> int | None:
 
 
 def calculate_flip_probability(halves: int | None) -> float | None:
-    """``0.5 ** halves``."""
+    """``0.5 ** halves`` for an int ``halves >= 1`` (mase-triton's function: also above the
+    kernel's ``MAX_HALVES``, which the op refuses)."""
     if halves is None:
         return None
-    check_halves("halves", halves)
+    if isinstance(halves, bool) or not isinstance(halves, numbers.Integral) or halves < 1:
+        raise ValueError(f"halves must be an int >= 1 or None, got {halves!r}")
     return 0.5**halves
 
 
@@ -59,6 +61,18 @@ def check_halves(name: str, halves) -> None:
         raise TypeError(f"{name} must be an int in 1..{MAX_HALVES} or None, got {halves!r}")
     if not 1 <= halves <= MAX_HALVES:
         raise ValueError(f"{name} must be in 1..{MAX_HALVES} (flip probability 0.5**{name}), got {halves}")
+
+
+def check_threshold(threshold) -> float | None:
+    """The zero-out threshold as a float (None: no zero-out); ``TypeError`` unless a real
+    number, ``ValueError`` unless ``>= 0``."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"zero_out_threshold must be a float or None, got {threshold!r}")
+    if not threshold >= 0:
+        raise ValueError(f"zero_out_threshold must be >= 0, got {threshold}")
+    return float(threshold)
 
 
 def check_seed(name: str, seed) -> int:

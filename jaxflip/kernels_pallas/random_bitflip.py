@@ -32,7 +32,7 @@ from jaxflip.kernels_pallas.layout import (
     row_major_strides,
     shard_segments,
 )
-from jaxflip.kernels_pallas.limits import check_halves, check_seed
+from jaxflip.kernels_pallas.limits import SEED_LIMIT, check_halves, check_seed, check_threshold
 from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, zero_out_keep
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -62,13 +62,17 @@ def _check_seed_or_scalar(name: str, seed) -> None:
 
 
 def advance_seed(seed, halves: int | None):
-    """The seed after one call: ``+ ceil(halves / 4)`` when the group flipped (same kind)."""
+    """The seed after one call when the group flipped: ``(seed + ceil(halves / 4)) % SEED_LIMIT``,
+    of the same kind (a Python int, a JAX scalar of the same dtype, or a torch ``SymInt`` of
+    the torch bridge under ``torch.compile``). Seeds thus stay in the contract's range call
+    after call, wrapping around to 0; mase-triton's wrap at ``2**31`` instead, so the two
+    streams part only once a seed comes within 6 of ``2**31 - 8``."""
     if halves is None:
         return seed
     step = math.ceil(halves / 4)
-    if _is_python_seed(seed):
-        return int(seed) + step
-    return seed + jnp.asarray(step, seed.dtype)
+    if isinstance(seed, jax.Array):
+        return (seed + jnp.asarray(step, seed.dtype)) % jnp.asarray(SEED_LIMIT, seed.dtype)
+    return ((int(seed) if _is_python_seed(seed) else seed) + step) % SEED_LIMIT
 
 
 def _default_backend(x) -> str:
@@ -110,7 +114,8 @@ def random_bitflip(
     shape (element index = row-major position), for float32, float16 and bfloat16, with
     either group allowed to be None. Seeds are Python ints (0 <= seed < 2**31 - 8) or JAX
     integer scalars (traced under ``jit``); the returned seeds are of the same kind and
-    advance by ``ceil(halves / 4)`` for each group that flipped.
+    advance by ``ceil(halves / 4)`` for each group that flipped, modulo ``2**31 - 8``
+    (``advance_seed``).
 
     ``sharding``: the ``NamedSharding`` of ``x`` (its mesh concrete, or the abstract mesh of
     ``jax.set_mesh`` inside ``jit``) so that each device's Pallas kernel flips its own shard
@@ -124,12 +129,7 @@ def random_bitflip(
     check_halves("frac_halves", frac_halves)
     _check_seed_or_scalar("seed_exp", seed_exp)
     _check_seed_or_scalar("seed_frac", seed_frac)
-    if zero_out_threshold is not None:
-        if isinstance(zero_out_threshold, bool) or not isinstance(zero_out_threshold, (int, float, np.floating)):
-            raise TypeError(f"zero_out_threshold must be a float or None, got {zero_out_threshold!r}")
-        if not zero_out_threshold >= 0:
-            raise ValueError(f"zero_out_threshold must be >= 0, got {zero_out_threshold}")
-        zero_out_threshold = float(zero_out_threshold)
+    zero_out_threshold = check_threshold(zero_out_threshold)
     if math.prod(x.shape) >= 2**32:
         raise ValueError(f"random_bitflip: {math.prod(x.shape)} elements exceed the 2**32 Philox counters")
     backend = backend or _default_backend(x)

@@ -1,5 +1,7 @@
-"""jaxflip's bitflips in torch models: the op on torch tensors through DLPack, a drop-in for
-mase-triton's ``RandomBitFlipLinear``, and the regex-rule transform of whole models.
+"""jaxflip's bitflips in torch models: the op on torch tensors through DLPack, drop-ins for
+mase-triton's ``RandomBitFlipLinear`` and ``RandomBitFlipDropout`` (and its probability helpers
+``find_nearest_prob_n_halves`` and ``calculate_flip_probability``), and the regex-rule
+transform of whole models.
 
 Importing the bridge leaves the GPU to torch: JAX, whose first op would otherwise preallocate
 75% of the card's memory (an H100 went from 78.7 GiB free to 18.5 GiB), allocates on demand
@@ -22,11 +24,13 @@ def leave_gpu_to_torch() -> None:
 
 leave_gpu_to_torch()
 
-from jaxflip.torch_bridge.functional import RandomBitflipFunction, random_bitflip_fn  # noqa: E402
-from jaxflip.torch_bridge.layers import RandomBitFlipLinear  # noqa: E402
+from jaxflip.kernels_pallas.limits import calculate_flip_probability, find_nearest_prob_n_halves  # noqa: E402
+from jaxflip.torch_bridge.functional import random_bitflip_fn  # noqa: E402
+from jaxflip.torch_bridge.layers import RandomBitFlipDropout, RandomBitFlipLinear  # noqa: E402
 from jaxflip.torch_bridge.transform import transform_model  # noqa: E402
 
-__all__ = ["RandomBitFlipLinear", "RandomBitflipFunction", "leave_gpu_to_torch", "random_bitflip_fn", "transform_model"]
+__all__ = ["RandomBitFlipDropout", "RandomBitFlipLinear", "calculate_flip_probability", "find_nearest_prob_n_halves",
+           "leave_gpu_to_torch", "random_bitflip_fn", "transform_model"]
 
 
 def __getattr__(name):

@@ -1,10 +1,12 @@
-"""``RandomBitFlipLinear``: a drop-in for mase-triton's layer of the same name, flipping with
-jaxflip through the DLPack bridge.
+"""``RandomBitFlipLinear`` and ``RandomBitFlipDropout``: drop-ins for mase-triton's layers of
+the same names, flipping with jaxflip through the DLPack bridge.
 
 Same constructor arguments, attributes (``x_nearest_exp_halves``, ``x_seed_exp``, ...),
 ``from_linear`` and seed behaviour: each tensor whose three settings are not all None is
-flipped at every call and its seeds advance; the bias is not flipped. ``configure`` sets the
-flips from ``TensorFlip``s (halves), as ``jaxflip.bitflip.BitFlipLinear.configure`` does.
+flipped at every call and its seeds advance; one whose settings are all None is passed on as it
+is; the bias is not flipped. ``configure`` sets the flips from ``TensorFlip``s (halves), as
+``jaxflip.bitflip.BitFlipLinear.configure`` does. A probability below the kernel's
+``0.5 ** MAX_HALVES`` is refused when the layer is built (mase-triton: at its first call).
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ class RandomBitFlipLinear(torch.nn.Linear):
             setattr(self, name, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
-            x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
-            self.x_zero_out_t)
-        w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
-            self.weight, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
-            self.w_zero_out_t)
+        w = self.weight
+        if _flips(self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_zero_out_t):
+            x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
+                x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
+                self.x_zero_out_t)
+        if _flips(self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_zero_out_t):
+            w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
+                w, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
+                self.w_zero_out_t)
         return torch.nn.functional.linear(x, w, self.bias)
 
     @classmethod
@@ -69,12 +74,46 @@ class RandomBitFlipLinear(torch.nn.Linear):
         return layer
 
     def extra_repr(self) -> str:
-        def prob(halves):
-            return "None" if halves is None else f"{calculate_flip_probability(halves):.2e}"
-
-        return (f"{super().extra_repr()}, x_nearest_p_exp={prob(self.x_nearest_exp_halves)}, "
-                f"x_nearest_p_frac={prob(self.x_nearest_frac_halves)}, x_zero_out_threshold={self.x_zero_out_t}, "
+        return (f"{super().extra_repr()}, x_nearest_p_exp={format_probability(self.x_nearest_exp_halves)}, "
+                f"x_nearest_p_frac={format_probability(self.x_nearest_frac_halves)}, "
+                f"x_zero_out_threshold={self.x_zero_out_t}, "
                 f"x_seed_exp={self.x_seed_exp}, x_seed_frac={self.x_seed_frac}, "
-                f"w_nearest_p_exp={prob(self.w_nearest_exp_halves)}, "
-                f"w_nearest_p_frac={prob(self.w_nearest_frac_halves)}, w_zero_out_threshold={self.w_zero_out_t}, "
+                f"w_nearest_p_exp={format_probability(self.w_nearest_exp_halves)}, "
+                f"w_nearest_p_frac={format_probability(self.w_nearest_frac_halves)}, "
+                f"w_zero_out_threshold={self.w_zero_out_t}, "
                 f"w_seed_exp={self.w_seed_exp}, w_seed_frac={self.w_seed_frac}")
+
+
+class RandomBitFlipDropout(torch.nn.Module):
+    """``y = flip(x)``: mase-triton's ``RandomBitFlipDropout`` (same arguments and attributes;
+    ``device`` is accepted and unused, as there). With all three settings None, ``x`` is
+    returned as it is."""
+
+    def __init__(self, p_exp: float | None, p_frac: float | None, zero_out_t: float | None, seed_exp: int = 0,
+                 seed_frac: int = 0, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        flip = TensorFlip.from_probabilities(p_exp, p_frac, zero_out_t)
+        self.p_exp, self.p_frac, self.zero_out_t = p_exp, p_frac, flip.zero_out_t
+        self.nearest_exp_halves, self.nearest_frac_halves = flip.exp_halves, flip.frac_halves
+        self.seed_exp, self.seed_frac = seed_exp, seed_frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _flips(self.nearest_exp_halves, self.nearest_frac_halves, self.zero_out_t):
+            return x
+        y, self.seed_exp, self.seed_frac = random_bitflip_fn(x, self.nearest_exp_halves, self.nearest_frac_halves,
+                                                             self.seed_exp, self.seed_frac, self.zero_out_t)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"nearest_p_exp={format_probability(self.nearest_exp_halves)}, "
+                f"nearest_p_frac={format_probability(self.nearest_frac_halves)}, "
+                f"zero_out_threshold={self.zero_out_t}, seed_exp={self.seed_exp}, seed_frac={self.seed_frac}")
+
+
+def _flips(exp_halves: int | None, frac_halves: int | None, zero_out_t: float | None) -> bool:
+    return not (exp_halves is None and frac_halves is None and zero_out_t is None)
+
+
+def format_probability(halves: int | None) -> str:
+    """A flip probability as mase-triton's ``extra_repr`` writes it."""
+    return "None" if halves is None else f"{calculate_flip_probability(halves):.2e}"

@@ -32,3 +32,13 @@ def test_check_seed_takes_the_contract_range_and_nothing_else():
     for bad in (-1, SEED_LIMIT, float(seed), True):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*31 - 8\)"):
             check_seed("seed", bad)
+
+
+def test_calculate_flip_probability_is_mase_s_also_above_the_kernel_s_halves():
+    from jaxflip.kernels_pallas.limits import calculate_flip_probability
+
+    halves = int(np.random.default_rng().integers(MAX_HALVES + 1, 80))
+    assert calculate_flip_probability(halves) == 0.5**halves
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=r"halves must be an int >= 1 or None"):
+            calculate_flip_probability(bad)
