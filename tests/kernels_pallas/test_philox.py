@@ -19,10 +19,10 @@ def mulhilo(a, b):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("halves", [3, 13, 24])
+@pytest.mark.parametrize("halves", [3, 13, 16])  # several calls; at 16 still ~24 exponent flips
 def test_one_stream_for_equal_seeds_is_bit_identical_to_two(dtype, halves):
     rng = np.random.default_rng()
-    n = 1 << 15
+    n = 1 << 18
     x = jnp.asarray(rng.standard_normal(n) * 3, jnp.float32).astype(dtype)
     x_bits = jax.lax.bitcast_convert_type(x, BITS_DTYPE[dtype])
     index = jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(int(rng.integers(0, 2**31 - 2**20)))
