@@ -76,10 +76,6 @@ class GridAxis:
     def name(self) -> str:
         return "+".join(self.fields)
 
-    @property
-    def is_probability(self) -> bool:
-        return self.fields[0] in PROBABILITY_KEYS
-
 
 @dataclass(frozen=True)
 class SweepPoint:
@@ -501,6 +497,10 @@ def evaluation_settings(args, windows: np.ndarray) -> dict:
             "sequences": len(windows), "batch_size": args.batch_size}
 
 
+def _or_dash(value):
+    return "-" if value is None else value
+
+
 def run(args) -> dict:
     base = args.bitflip
     if base.seed_mode == "reference":
@@ -529,8 +529,8 @@ def run(args) -> dict:
                "confidence": CONFIDENCE, "files": output_files(args.output_dir), "points": rows}
     write_outputs(payload, rows, args.per_layer is not None)
     print(format_table(["point", "seeds", "loss", "+-95%", "perplexity", "+-95%", "ratio"],
-                       [[row["name"], row["seeds"], row["loss_mean"], row["loss_ci95"] or "-", row["perplexity_mean"],
-                         row["perplexity_ci95"] or "-", row["perplexity_ratio"]] for row in rows]))
+                       [[row["name"], row["seeds"], row["loss_mean"], _or_dash(row["loss_ci95"]), row["perplexity_mean"],
+                         _or_dash(row["perplexity_ci95"]), row["perplexity_ratio"]] for row in rows]))
     for row in rows:
         for prompt, text in row.get("samples", {}).items():
             print(f"{row['name']}: {prompt}{text}")
