@@ -1,4 +1,4 @@
-"""``python -m jaxflip.eval {ppl,profile,generate,lm-eval} --checkpoint PATH ...``; each
+"""``python -m jaxflip.eval {ppl,sweep,profile,generate,lm-eval} --checkpoint PATH ...``; each
 command has ``--help``. Errors in the arguments or the files they name end the run with one
 line on stderr and exit status 2 (1 for a fault of the environment: an ``--output`` folder that
 cannot be written, a full disk); every argument, the bitflip rules and ``--output`` are checked
@@ -11,12 +11,13 @@ import sys
 
 from jaxflip.bitflip.rules_file import read_bitflip_config
 from jaxflip.cli import exit_status
-from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile
+from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile, sweep
 from jaxflip.eval.report import check_output_path, write_json
 from jaxflip.models.llama_config import DTYPES
 
 COMMANDS = {
     "ppl": (perplexity, "cross-entropy and perplexity, clean and under bitflip"),
+    "sweep": (sweep, "a fault campaign: perplexity over flip settings and seeds, a table and a plot"),
     "profile": (profile, "|x| and |W| percentiles of the Linear layers; zero-out thresholds"),
     "generate": (generate_cli, "continue a prompt, streaming the text"),
     "lm-eval": (lm_eval_run, "lm-eval tasks through the JAX or the torch path"),

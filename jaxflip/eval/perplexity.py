@@ -24,6 +24,7 @@ from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import on_model_mesh
 
 DEFAULT_SEQ_LEN = 2048
+MAX_EXPONENT = math.log(sys.float_info.max)
 
 
 @dataclass(frozen=True)
@@ -42,22 +43,26 @@ def _summed_cross_entropy(model, windows: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.take_along_axis(log_probs, windows[:, 1:, None], axis=-1))
 
 
-def perplexity(model, windows: np.ndarray, batch_size: int, condition: str) -> PerplexityRow:
+def perplexity(model, windows: np.ndarray, batch_size: int, condition: str, *, progress_bar: bool = True
+               ) -> PerplexityRow:
     """Mean cross-entropy over every predicted token of ``windows``, ``batch_size`` windows
     per forward (flips are keyed on the batch's layout, so the batch size is part of a
-    bitflip result)."""
+    bitflip result). ``progress_bar``: a bar per batch (a sweep shows one per evaluation instead)."""
     total = 0.0
-    with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq") as progress:
+    with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq",
+                                    disable=not progress_bar) as progress:
         for start in range(0, len(windows), batch_size):
             total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
             progress.update(len(windows[start:start + batch_size]))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens
-    return PerplexityRow(condition, windows.shape[0], tokens, loss, math.exp(loss))
+    # a loss past log(float max) (heavy exponent flips without zero-out) is an infinite perplexity, not an error
+    return PerplexityRow(condition, windows.shape[0], tokens, loss,
+                         math.inf if loss > MAX_EXPONENT else math.exp(loss))
 
 
 def add_window_arguments(parser) -> None:
-    """The options of ``evaluation_windows``, shared by ``ppl`` and ``profile``."""
+    """The options of ``evaluation_windows``, shared by ``ppl``, ``profile`` and ``sweep``."""
     parser.add_argument("--dataset", default=BUILTIN_NAME,
                         help="an HF hub dataset, a local .txt/.jsonl/.parquet file or folder, or %(default)s")
     parser.add_argument("--split", default="validation", help="dataset split (default: %(default)s)")
@@ -82,6 +87,17 @@ def resolve_seq_len(args, model) -> int:
     return args.seq_len
 
 
+def open_windows(args, model, tokenizer) -> np.ndarray:
+    """The evaluation windows of ``add_window_arguments``' options (``--seq-len`` resolved for
+    ``model``); fewer than ``--num-sequences`` is said."""
+    windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
+                                 text_field=args.text_field, seq_len=resolve_seq_len(args, model),
+                                 num_sequences=args.num_sequences)
+    if len(windows) < args.num_sequences:
+        print(f"note: {args.dataset} holds only {len(windows)} sequences of {args.seq_len + 1} tokens")
+    return windows
+
+
 def add_arguments(parser) -> None:
     add_window_arguments(parser)
     parser.add_argument("--bitflip-only", action="store_true", help="skip the clean row (needs --bitflip-config)")
@@ -104,11 +120,7 @@ def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
     bitflip = resolve_bitflip(model, args)  # a rule that fits no layer fails before the clean pass
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
-    windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
-                                 text_field=args.text_field, seq_len=resolve_seq_len(args, model),
-                                 num_sequences=args.num_sequences)
-    if len(windows) < args.num_sequences:
-        print(f"note: {args.dataset} holds only {len(windows)} sequences of {args.seq_len + 1} tokens")
+    windows = open_windows(args, model, tokenizer)
     rows = [] if args.bitflip_only else [perplexity(model, windows, args.batch_size, "clean")]
     payload = {"command": "ppl", "checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                "seq_len": args.seq_len, "batch_size": args.batch_size}

@@ -20,9 +20,8 @@ import numpy as np
 from flax import nnx
 
 from jaxflip.bitflip import LM_HEAD, BitFlipLinear, named_linears, replace_module
-from jaxflip.data import evaluation_windows
 from jaxflip.eval.model_io import BitflipSetup, open_model, open_tokenizer, resolve_bitflip
-from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, resolve_seq_len
+from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, open_windows
 from jaxflip.eval.report import format_table
 from jaxflip.models.sharding import mesh_context, model_mesh
 
@@ -187,9 +186,7 @@ def check_arguments(args) -> None:
 def run(args) -> dict:
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype)
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)
-    windows = evaluation_windows(tokenizer, dataset=args.dataset, split=args.split, subset=args.subset,
-                                 text_field=args.text_field, seq_len=resolve_seq_len(args, model),
-                                 num_sequences=args.num_sequences)
+    windows = open_windows(args, model, tokenizer)
     layers = eligible_layers(model, resolve_bitflip(model, args))
     stats = profile_model(model, windows, layers, args.batch_size)
     totals = {kind: overall(per_layer) for kind, per_layer in stats.items()}

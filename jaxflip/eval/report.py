@@ -38,29 +38,38 @@ def finite_or_null(value):
     return value
 
 
-def check_output_path(path: str | Path) -> None:
-    """Fail now, not after the evaluation, when ``--output`` cannot be written: it is a folder,
-    a parent is a file, or the nearest existing folder is not writable."""
+def check_output_path(path: str | Path, *, flag: str = "--output") -> None:
+    """Fail now, not after the evaluation, when ``path`` (the file of option ``flag``) cannot be
+    written: it is a folder, a parent is a file, or the nearest existing folder is not writable."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"--output {path} is a folder; give a file name")
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
     existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
     if not existing.is_dir():
-        raise ValueError(f"--output {path}: {existing} is a file, not a folder")
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise OSError(error.errno, f"--output {path}: cannot write in {existing} ({error.strerror})") from None
+        raise OSError(error.errno, f"{flag} {path}: cannot write in {existing} ({error.strerror})") from None
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """``payload`` as JSON at ``path``, whole or not at all (written aside, then renamed)."""
+def write_atomically(path: str | Path, content: str | bytes) -> None:
+    """``content`` at ``path``, whole or not at all (written aside, then renamed): a reader, or
+    a rerun after a kill, never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text(json.dumps(finite_or_null(payload), indent=1, default=str, allow_nan=False) + "\n")
+        if isinstance(content, bytes):
+            partial.write_bytes(content)
+        else:
+            partial.write_text(content)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """``payload`` as JSON at ``path``, written atomically (``write_atomically``)."""
+    write_atomically(path, json.dumps(finite_or_null(payload), indent=1, default=str, allow_nan=False) + "\n")

@@ -1,0 +1,211 @@
+"""``sweep`` against separate ``ppl`` runs, its traces per seed, its resume after an interruption,
+the per-layer map, the grid syntax and the one-line errors. The model is a fresh random tiny
+Llama on the 8 host CPU devices (tests/conftest.py), so the sweep runs sharded as on a GPU host."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from jax import monitoring
+from jax._src.dispatch import JAXPR_TRACE_EVENT
+from tiny_models import save_checkpoint, tiny_text_model
+
+from jaxflip.bitflip import BitflipConfig, find_nearest_prob_n_halves
+from jaxflip.eval import sweep
+from jaxflip.eval.__main__ import main
+
+SEQ_LEN, SEQUENCES, BATCH = 32, 4, 2
+BASE_SEED = 7
+# layer 1's MLP only: three flipped Linears compile in seconds on a CPU
+BASE_TOML = f"""
+[bitflip]
+x_p_exp = 0.0009765625
+x_zero_out_t = 50.0
+w_p_frac = 0.0009765625
+w_zero_out_t = 1.0
+base_seed = {BASE_SEED}
+skip_patterns = ["layers.0.", "self_attn"]
+"""
+GRID = "x_p_exp=0.5^4:0.5^6"
+HALVES = (4, 5, 6)
+SEEDS = 4
+
+
+def window_arguments():
+    return ["--seq-len", str(SEQ_LEN), "--num-sequences", str(SEQUENCES), "--batch-size", str(BATCH)]
+
+
+def run_sweep(path, base, output_dir, *extra) -> dict:
+    output = output_dir.parent / f"{output_dir.name}.json"
+    assert main(["sweep", "--checkpoint", path, "--bitflip-config", str(base), *window_arguments(),
+                 "--output-dir", str(output_dir), "--output", str(output), *extra]) == 0
+    return json.loads(output.read_text())
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """``(folder, checkpoint, base config, payload)`` of a 3-point x 4-seed sweep of a random tiny model."""
+    folder = tmp_path_factory.mktemp("sweep")
+    _, model = tiny_text_model(np.random.default_rng())
+    path = save_checkpoint(model, folder / "model")
+    base = folder / "base.toml"
+    base.write_text(BASE_TOML)
+    return folder, path, base, run_sweep(path, base, folder / "out", "--grid", GRID, "--seeds", str(SEEDS))
+
+
+def test_each_seed_of_each_point_equals_a_separate_ppl_run(swept, tmp_path):
+    _, path, _, payload = swept
+    points = {row["name"]: row for row in payload["points"]}
+    assert list(points) == ["clean"] + [f"x_p_exp=0.5^{k}" for k in HALVES]
+    for halves in HALVES:
+        for seed in range(BASE_SEED, BASE_SEED + SEEDS):
+            config = tmp_path / f"{halves}_{seed}.toml"
+            config.write_text(BASE_TOML.replace("x_p_exp = 0.0009765625", f"x_p_exp = {0.5**halves}")
+                              .replace(f"base_seed = {BASE_SEED}", f"base_seed = {seed}"))
+            output = tmp_path / "ppl.json"
+            assert main(["ppl", "--checkpoint", path, "--bitflip-config", str(config), "--bitflip-only",
+                         *window_arguments(), "--output", str(output)]) == 0
+            (row,) = json.loads(output.read_text())["rows"]
+            per_seed = {r["seed"]: r for r in points[f"x_p_exp=0.5^{halves}"]["per_seed"]}
+            assert per_seed[seed]["loss"] == row["loss"] and per_seed[seed]["perplexity"] == row["perplexity"]
+    losses = [r["loss"] for r in points["x_p_exp=0.5^4"]["per_seed"]]
+    assert len(set(losses)) == SEEDS, "each seed should flip other bits"
+
+
+def test_table_holds_each_points_mean_and_interval_and_the_plot_is_written(swept):
+    folder, _, _, payload = swept
+    with open(folder / "out" / "sweep.csv") as file:
+        table = {row["name"]: row for row in csv.DictReader(file)}
+    assert list(table) == [row["name"] for row in payload["points"]]
+    for point in payload["points"][1:]:
+        losses = np.array([r["loss"] for r in point["per_seed"]])
+        half_width = 3.182446305284263 * losses.std(ddof=1) / np.sqrt(SEEDS)  # t(0.975, 3 degrees of freedom)
+        assert float(table[point["name"]]["loss_mean"]) == pytest.approx(losses.mean(), rel=1e-12)
+        assert float(table[point["name"]]["loss_ci95"]) == pytest.approx(half_width, rel=1e-9)
+        assert point["perplexity_ratio"] == pytest.approx(point["perplexity_mean"] / payload["points"][0]["perplexity_mean"])
+    assert json.loads((folder / "out" / "sweep.json").read_text())["points"] == payload["points"]
+    assert (folder / "out" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_points_later_seeds_reuse_its_first_seeds_trace(swept, tmp_path, monkeypatch):
+    """Seeds are traced arguments: only a point's first evaluation traces (points of halves
+    no other test of this process compiles)."""
+    _, path, base, _ = swept
+    traces, per_call = [], []
+
+    def count(event, duration, **kwargs):
+        if event == JAXPR_TRACE_EVENT:
+            traces.append(event)
+
+    def counted(model, windows, batch_size, condition, **kwargs):
+        before = len(traces)
+        row = perplexity(model, windows, batch_size, condition, **kwargs)
+        per_call.append((condition, len(traces) - before))
+        return row
+
+    perplexity = sweep.perplexity
+    monkeypatch.setattr(sweep, "perplexity", counted)
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        run_sweep(path, base, tmp_path / "out", "--grid", "x_p_exp=0.5^8,0.5^9", "--seeds", "3")
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    flipped = [(condition, n) for condition, n in per_call if condition != "clean"]
+    assert [condition for condition, _ in flipped] == ["x_p_exp=0.5^8"] * 3 + ["x_p_exp=0.5^9"] * 3
+    assert [n > 0 for _, n in flipped] == [True, False, False] * 2
+
+
+def test_an_interrupted_sweep_resumes_without_recomputing_finished_points(swept, tmp_path, monkeypatch):
+    _, path, base, full = swept
+    calls = []
+
+    def interrupted(model, windows, batch_size, condition, **kwargs):
+        if condition == "x_p_exp=0.5^6":
+            raise KeyboardInterrupt  # as a Ctrl-C during the third point
+        calls.append(condition)
+        return perplexity(model, windows, batch_size, condition, **kwargs)
+
+    perplexity = sweep.perplexity
+    monkeypatch.setattr(sweep, "perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", "2")
+    points = tmp_path / "out" / "points"
+    finished = {file.name: file.read_bytes() for file in points.iterdir()}
+    assert sorted(finished) == ["clean.json", "x_p_exp=0.5^4.json", "x_p_exp=0.5^5.json"]
+
+    calls.clear()
+    monkeypatch.setattr(sweep, "perplexity", lambda *args, **kwargs: calls.append(args[3]) or perplexity(*args, **kwargs))
+    resumed = run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", "2")
+    assert calls == ["x_p_exp=0.5^6"] * 2
+    assert all((points / name).read_bytes() == content for name, content in finished.items())
+    for point, reference in zip(resumed["points"], full["points"]):
+        assert point["per_seed"] == reference["per_seed"][:2]
+
+
+def test_per_layer_map_flips_one_target_and_group_as_a_ppl_run_of_those_rules(swept, tmp_path):
+    _, path, base, _ = swept
+    payload = run_sweep(path, base, tmp_path / "map", "--per-layer", "type", "--groups", "x_p_exp", "--seeds", "1")
+    cells = {row["name"]: row for row in payload["points"][1:]}
+    assert list(cells) == [f"mlp.{p}_proj x_p_exp" for p in ("down", "gate", "up")]
+    section = tmp_path / "cell.toml"  # the up_proj cell: x's exponent bits of layer 1's up_proj alone
+    section.write_text(f"[bitflip]\nbase_seed = {BASE_SEED}\n" + r"""
+[bitflip.rules.'model\.layers\.1\.mlp\.up_proj']
+x_p_exp = 0.0009765625
+x_zero_out_t = 50.0
+""")
+    output = tmp_path / "ppl.json"
+    assert main(["ppl", "--checkpoint", path, "--bitflip-config", str(section), "--bitflip-only",
+                 *window_arguments(), "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["bitflip"]["flipped_layers"] == ["model.layers.1.mlp.up_proj"]
+    assert cells["mlp.up_proj x_p_exp"]["loss_mean"] == json.loads(output.read_text())["rows"][0]["loss"]
+    assert (tmp_path / "map" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_ranges_step_by_halves_in_either_direction():
+    assert sweep.parse_grid("x_p_frac=0.5^6:0.5^16").values == tuple(0.5**k for k in range(6, 17))
+    assert sweep.parse_grid("w_p_exp+w_p_frac=0.5^10:0.5^4:3").values == (0.5**10, 0.5**7, 0.5**4)
+    axis = sweep.parse_grid("x_zero_out_t=1,30,none")
+    assert axis.fields == ("x_zero_out_t",) and axis.values == (1.0, 30.0, None)
+
+
+def test_a_rules_base_gets_the_grid_value_in_every_rule_that_flips():
+    rng = np.random.default_rng()
+    value = 0.5 ** int(rng.integers(2, 20))
+    base = BitflipConfig(rules={r"model\.layers\.0\..*": None, r".*up_proj": {"w_p_exp": 0.5**9},
+                                "default": {"x_p_exp": 0.5**12, "x_zero_out_t": 3.0}})
+    names = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("up", "down")]
+    table = sweep.with_settings(base, {"x_p_frac": value}).match(names)
+    halves = {row.layer: row.x_flip.frac_halves for row in table}
+    assert halves == {"model.layers.0.mlp.up_proj": None, "model.layers.0.mlp.down_proj": None,
+                      "model.layers.1.mlp.up_proj": find_nearest_prob_n_halves(value),
+                      "model.layers.1.mlp.down_proj": find_nearest_prob_n_halves(value)}
+    assert [row.w_flip.exp_halves for row in table][2] == 9, "the rule's other settings stay"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--grid", "x_p_foo=0.5^3"], "unknown flip field 'x_p_foo'"),
+    (["--grid", "x_p_exp=2"], "--grid x_p_exp=2: bitflip.x_p_exp must be a probability in (0, 1)"),
+    (["--grid", "x_zero_out_t=1:8"], "a 0.5^A:0.5^B range is for probabilities"),
+    (["--grid", "x_p_exp=0.5^3", "--per-layer", "type"], "either --grid (one or more) or --per-layer"),
+    (["--per-layer", "type", "--groups", "x_exp"], "unknown bit group 'x_exp'"),
+    (["--grid", "x_p_exp=0.5^3", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+])
+def test_bad_arguments_give_one_line_errors(swept, tmp_path, capsys, extra, message):
+    _, path, base, _ = swept
+    assert main(["sweep", "--checkpoint", path, "--bitflip-config", str(base), "--output-dir",
+                 str(tmp_path / "out"), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_seeds_are_refused_since_every_seed_would_flip_alike(swept, tmp_path, capsys):
+    _, path, _, _ = swept
+    reference = tmp_path / "reference.toml"
+    reference.write_text(re.sub(r"base_seed = \d+", 'seed_mode = "reference"', BASE_TOML))
+    assert main(["sweep", "--checkpoint", path, "--bitflip-config", str(reference), "--grid", "x_p_exp=0.5^3",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "seed_mode 'reference' gives every seed the same flips" in error
