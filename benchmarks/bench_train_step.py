@@ -5,14 +5,14 @@
         --training.local_batch_size 16 --out rows.json [--hlo-summary] [--profile DIR] [--isolate]
 
 Any ``--section.field VALUE`` goes to the config as on the train CLI. A variant is a named set
-of overrides on top of them (``VARIANTS``; ``remat-<policy>`` sets ``model.remat``; ``a+b``
-applies both). Per variant the model, bitflip rules and train state are built as training
-builds them (``jaxflip.train.setup``, ``init_state``: random weights, never the hub), the
-step is traced, lowered and compiled (``make_train_step``), run ``--warmup`` times, then timed
-over windows of ``--window`` steps (one host sync per window, not per step) up to ``--steps``
-steps, on one random batch of token ids. A row per variant, written to ``--out`` as soon as it
-is measured; a variant that fails (RESOURCE_EXHAUSTED...) gets its error in its row and the
-next one runs.
+of overrides on top of them (``VARIANTS``; ``remat-<policy>`` sets ``model.remat``; ``dsfusion``
+adds an XLA flag, so it needs ``--isolate``; ``a+b`` applies both). Per variant the model,
+bitflip rules and train state are built as training builds them (``jaxflip.train.setup``,
+``init_state``: random weights, never the hub), the step is traced, lowered and compiled
+(``make_train_step``), run ``--warmup`` times, then timed over windows of ``--window`` steps
+(one host sync per window, not per step) up to ``--steps`` steps, on one random batch of token
+ids. A row per variant, written to ``--out`` as soon as it is measured; a variant that fails
+(RESOURCE_EXHAUSTED...) gets its error in its row and the next one runs.
 
 Row fields: ``step_ms`` (median over the windows), ``tokens_per_s``, ``vs_clean`` (step time
 / the ``clean`` row's of the same run: the bitflip tax), ``mfu``, ``peak_gib`` (device 0's
@@ -65,14 +65,21 @@ from jaxflip.train.train_config import ConfigError, TrainConfig, load_config
 class Variant:
     overrides: tuple[str, ...] = ()
     scan_layers: bool = True  # init_state's switch: False keeps the decoder layers a Python loop
+    xla_flags: tuple[str, ...] = ()  # added to XLA_FLAGS of the variant's child process (--isolate)
 
     def __add__(self, other: Variant) -> Variant:
-        return Variant(self.overrides + other.overrides, self.scan_layers and other.scan_layers)
+        return Variant(self.overrides + other.overrides, self.scan_layers and other.scan_layers,
+                       self.xla_flags + other.xla_flags)
 
 
 CLEAN = Variant(("--bitflip.enable", "false"))
 BITFLIP = Variant(("--bitflip.enable", "true"))  # the config's flips and seeds (the 60M config: mase-triton's)
 UNROLLED = Variant(scan_layers=False)
+# The scanned clean step's extra time on an H100 (issue 20 item 5) is ~460 memcpy128 per step, the
+# copies of each layer's residuals into (forward) and out of (backward) the scan's stacked buffers
+# around cuBLAS/cuDNN custom calls, which cannot read or write at a dynamic offset; XLA's dynamic
+# slice fusion lets them.
+DYNAMIC_SLICE_FUSION = Variant(xla_flags=("--xla_gpu_enable_dynamic_slice_fusion=true",))
 VARIANTS = {
     "clean": CLEAN,
     "bitflip": BITFLIP,
@@ -80,6 +87,7 @@ VARIANTS = {
     "unrolled": UNROLLED,
     "unrolled-clean": UNROLLED + CLEAN,
     "unrolled-bitflip": UNROLLED + BITFLIP,
+    "dsfusion": DYNAMIC_SLICE_FUSION,
 } | {f"remat-{policy}": Variant(("--model.remat", policy)) for policy in REMAT_POLICIES}
 
 
@@ -154,7 +162,8 @@ def top_device_ops(trace_dir: Path, hlo_text: str, count: int = 15) -> dict | No
 def measure(args, name: str, config: TrainConfig, variant: Variant) -> dict:
     """One variant's row (see the module docstring)."""
     t = config.training
-    row = {"variant": name, "overrides": list(variant.overrides), "scan_layers_asked": variant.scan_layers}
+    row = {"variant": name, "overrides": list(variant.overrides), "scan_layers_asked": variant.scan_layers,
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
     start = time.perf_counter()
     mesh = setup.build_mesh(config)
     model, _ = setup.build_model(config, mesh)
@@ -269,6 +278,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def with_xla_flags(flags: str, extra: tuple[str, ...]) -> str:
+    """``flags`` (an XLA_FLAGS value) with each of ``extra`` it lacks."""
+    return " ".join([*flags.split(), *(flag for flag in extra if flag not in flags.split())])
+
+
 def run_isolated(args, overrides: list[str], name: str) -> dict:
     """The variant in a child process of this script: its own device memory peak, and a crash
     (even one that takes the process) is its row's error."""
@@ -280,7 +294,9 @@ def run_isolated(args, overrides: list[str], name: str) -> dict:
                    *(["--profile", args.profile] if args.profile else []),
                    *(["--dump-hlo", args.dump_hlo] if args.dump_hlo else []),
                    *(["--mem-fraction", args.mem_fraction] if args.mem_fraction else []), *overrides]
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), parse_variant(name).xla_flags)
+        env = os.environ | {"XLA_FLAGS": flags}
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     if rows:
         return rows[0]
@@ -318,11 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             raise ConfigError("--variants: expected at least one variant")
         configs = {name: variant_config(args, overrides, name) for name in names}  # every config checked first
+        flag_sets = {variant.xla_flags for _, variant in configs.values()}
+        if len(flag_sets) > 1 and not args.isolate:
+            raise ConfigError("--variants: their XLA flags differ and are read once per process: add --isolate")
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.mem_fraction:  # read when the backend starts, at the first device query below
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = args.mem_fraction
+    if not args.isolate:  # as the mem fraction; with --isolate each child sets its own
+        os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), next(iter(flag_sets)))
     meta = {"config": args.config, "overrides": overrides, "warmup": args.warmup, "steps": args.steps,
             "window": args.window, "isolate": args.isolate, "jax": jax.__version__,
             "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),

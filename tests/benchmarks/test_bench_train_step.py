@@ -45,3 +45,22 @@ def test_bad_variant_is_bad_input(tmp_path):
     done = bench(tmp_path, "--config", str(ROOT / "configs" / "quickstart.toml"), "--variants", "clean,nope")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --variants: unknown variant 'nope'")
+
+
+def test_a_variants_xla_flags_reach_its_child_only(tmp_path):
+    out = tmp_path / "rows.json"
+    done = bench(tmp_path, "--config", str(ROOT / "configs" / "quickstart.toml"), "--training.seq_len", "16",
+                 "--training.local_batch_size", "1", "--variants", "clean,dsfusion+clean", "--isolate",
+                 "--warmup", "0", "--steps", "1", "--window", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert "error" not in rows["dsfusion+clean"], rows["dsfusion+clean"]
+    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in rows["dsfusion+clean"]["xla_flags"]
+    assert "dynamic_slice_fusion" not in rows["clean"]["xla_flags"]
+
+
+def test_xla_flags_without_isolate_are_bad_input(tmp_path):
+    done = bench(tmp_path, "--config", str(ROOT / "configs" / "quickstart.toml"), "--variants", "clean,dsfusion")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == \
+        "error: --variants: their XLA flags differ and are read once per process: add --isolate"
