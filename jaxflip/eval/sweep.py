@@ -533,6 +533,7 @@ def run(args) -> dict:
                          _or_dash(row["perplexity_ci95"]), row["perplexity_ratio"]] for row in rows]))
     for row in rows:
         for prompt, text in row.get("samples", {}).items():
-            print(f"{row['name']}: {prompt}{text}")
+            # escaped (newlines as \n): a continuation of blank lines shows, and each point's is one line
+            print(f"{row['name']}: {json.dumps(prompt + text, ensure_ascii=False)}")
     print(f"table: {payload['files']['json']}, {payload['files']['csv']}; plot: {payload['files']['png']}")
     return payload

@@ -209,3 +209,21 @@ def test_reference_seeds_are_refused_since_every_seed_would_flip_alike(swept, tm
                  "--output-dir", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "seed_mode 'reference' gives every seed the same flips" in error
+
+
+def test_each_points_sample_is_the_generate_command_under_its_first_seed(swept, tmp_path, capsys):
+    _, path, base, _ = swept
+    prompt = "the quick"
+    payload = run_sweep(path, base, tmp_path / "out", "--grid", "x_p_exp=0.5^4", "--seeds", "1",
+                        "--sample-prompt", prompt, "--sample-tokens", "6")
+    printed = capsys.readouterr().out.splitlines()
+    config = tmp_path / "point.toml"
+    config.write_text(BASE_TOML.replace("x_p_exp = 0.0009765625", f"x_p_exp = {0.5**4}"))
+    for row, flips in zip(payload["points"], ([], ["--bitflip-config", str(config)])):
+        output = tmp_path / "generate.json"
+        assert main(["generate", prompt, "--checkpoint", path, "--max-new-tokens", "6", *flips,
+                     "--output", str(output)]) == 0
+        assert row["samples"] == {prompt: json.loads(output.read_text())["text"]}, row["name"]
+        assert f"{row['name']}: {json.dumps(prompt + row['samples'][prompt], ensure_ascii=False)}" in printed
+    # an exponent flip in 1 of 16 inputs of layer 1's MLP changes a random model's greedy tokens
+    assert payload["points"][0]["samples"] != payload["points"][1]["samples"]
