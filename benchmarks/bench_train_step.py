@@ -6,13 +6,13 @@
 
 Any ``--section.field VALUE`` goes to the config as on the train CLI. A variant is a named set
 of overrides on top of them (``VARIANTS``; ``remat-<policy>`` sets ``model.remat``; ``dsfusion``
-adds an XLA flag, so it needs ``--isolate``; ``a+b`` applies both). Per variant the model,
-bitflip rules and train state are built as training builds them (``jaxflip.train.setup``,
-``init_state``: random weights, never the hub), the step is traced, lowered and compiled
-(``make_train_step``), run ``--warmup`` times, then timed over windows of ``--window`` steps
-(one host sync per window, not per step) up to ``--steps`` steps, on one random batch of token
-ids. A row per variant, written to ``--out`` as soon as it is measured; a variant that fails
-(RESOURCE_EXHAUSTED...) gets its error in its row and the next one runs.
+adds an XLA flag (variants whose flags differ need ``--isolate``); ``a+b`` applies both). Per
+variant the model, bitflip rules and train state are built as training builds them
+(``jaxflip.train.setup``, ``init_state``: random weights, never the hub), the step is traced,
+lowered and compiled (``make_train_step``), run ``--warmup`` times, then timed over windows of
+``--window`` steps (one host sync per window, not per step) up to ``--steps`` steps, on one
+random batch of token ids. A row per variant, written to ``--out`` as soon as it is measured; a
+variant that fails (RESOURCE_EXHAUSTED...) gets its error in its row and the next one runs.
 
 Row fields: ``step_ms`` (median over the windows), ``tokens_per_s``, ``vs_clean`` (step time
 / the ``clean`` row's of the same run: the bitflip tax), ``mfu``, ``peak_gib`` (device 0's
@@ -77,8 +77,8 @@ BITFLIP = Variant(("--bitflip.enable", "true"))  # the config's flips and seeds 
 UNROLLED = Variant(scan_layers=False)
 # The scanned clean step's extra time on an H100 (issue 20 item 5) is ~460 memcpy128 per step, the
 # copies of each layer's residuals into (forward) and out of (backward) the scan's stacked buffers
-# around cuBLAS/cuDNN custom calls, which cannot read or write at a dynamic offset; XLA's dynamic
-# slice fusion lets them.
+# around cuBLAS/cuDNN custom calls, which cannot read or write at a dynamic offset. XLA's dynamic
+# slice fusion is meant to let them: this variant measures whether it does.
 DYNAMIC_SLICE_FUSION = Variant(xla_flags=("--xla_gpu_enable_dynamic_slice_fusion=true",))
 VARIANTS = {
     "clean": CLEAN,

@@ -124,8 +124,7 @@ def test_on_its_mesh_each_device_flips_its_own_shard(mesh, monkeypatch):
     # forwards, so the same exponent flip scales it by 4x differently: allow that in a few
     # tokens. A flip of the wrong elements (local instead of global indices) changes most tokens.
     token_error = np.abs(logits - reference).max(axis=-1)
-    clean = np.asarray(nnx.jit(lambda model, tokens: model(tokens))(
-        LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4)), tokens))
+    clean = np.asarray(forward(LlamaForCausalLM(DEBUG, rngs=nnx.Rngs(4)), tokens))
     assert np.mean(np.abs(clean - reference).max(axis=-1) > 1e-3 * scale) > 0.5, "the rule flips too little"
     assert np.sum(token_error > 1e-3 * scale) <= 4, np.sort(token_error)[-8:]
     assert sharded.model.layers[1].mlp.down_proj.seeds() == unsharded.model.layers[1].mlp.down_proj.seeds()
