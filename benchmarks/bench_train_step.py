@@ -22,7 +22,9 @@ analysis per device), ``flips_per_step`` (flips one optimizer step runs: the
 ``bitflip_flipped`` marks of the step's jaxpr, one per flipped tensor and forward, remat's
 recomputation included, a scan body's times its length; the same on every backend) and
 ``flip_kernels_hlo`` (custom-calls of the ``jaxflip_random_bitflip`` kernel in the optimized
-HLO, a scan body's once: the Pallas kernel on GPU; 0 on CPU, whose jnp flips are plain XLA ops).
+HLO, a scan body's once: the Pallas kernel on GPU; 0 on CPU, whose jnp flips are plain XLA ops),
+``loss_first`` / ``grad_norm_first`` (the last warmup step's; the norm is gradient clipping's
+input) and ``loss_last`` / ``grad_norm_last`` (the last timed step's).
 ``--hlo-summary`` adds the HLO's ops by kind and its copies' bytes (``jaxflip.train.program_stats``);
 ``--profile DIR`` traces a few more steps into DIR/<variant> (TensorBoard's profile plugin or
 xprof read it) and adds the ops with the most device time, read from the trace's Perfetto JSON.
@@ -202,7 +204,7 @@ def measure(args, name: str, config: TrainConfig, variant: Variant) -> dict:
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     if args.warmup:
-        row["loss_first"] = float(metrics["loss"])
+        row |= {"loss_first": float(metrics["loss"]), "grad_norm_first": float(metrics["grad_norm"])}
     windows = []
     for _ in range(max(1, math.ceil(args.steps / args.window))):
         window_start = time.perf_counter()
@@ -217,7 +219,8 @@ def measure(args, name: str, config: TrainConfig, variant: Variant) -> dict:
     row |= {"step_ms": step_s * 1e3, "step_ms_windows": [w * 1e3 for w in windows], "tokens_per_s": tokens_per_s,
             "mfu": (tokens_per_s * flops_per_token(model_config, t.seq_len, config.lora.r > 0)
                     / (peak * jax.device_count()) if peak else None),
-            "loss_last": float(metrics["loss"]), "peak_gib": device_memory_gib()}
+            "loss_last": float(metrics["loss"]), "grad_norm_last": float(metrics["grad_norm"]),
+            "peak_gib": device_memory_gib()}
     if args.profile:
         trace_dir = Path(args.profile) / name
         jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)

@@ -32,6 +32,7 @@ def test_rows_of_clean_and_bitflip(tmp_path):
         assert "error" not in row, row
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0, row
         assert row["scanned"] and row["tokens_per_step"] == 2 * 32
+        assert row["grad_norm_first"] > 0 and row["grad_norm_last"] > 0  # clipping's input, the 8B loss question
         assert row["hlo"]["ops"]["while"] >= 1  # the scanned layers, forward and backward
     assert rows["clean"]["flips_per_step"] == 0 and rows["clean"]["vs_clean"] == 1
     # each layer's down_proj flips its input and weight once per step (2 layers, no remat)
