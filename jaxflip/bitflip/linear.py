@@ -11,6 +11,14 @@ mase-triton flips in ``nn.Linear.weight``, and HF weights copy in unchanged.
 Flip settings are static Python attributes (they select the compiled code); the seeds are
 ``BitflipSeed`` state that every call advances.
 
+Linears that read the same tensor (q/k/v, gate/up) and flip it alike, with input seeds that
+start equal (mase-triton's recipe gives every Linear the same seeds), flip it identically, so
+``flip_shared_input`` flips it once for all of them and gives each the advanced seeds: one
+Philox pass instead of three (two), the same bits, values and gradients.
+``apply_rule_table`` marks such Linears (``x_seeds_shared``, a static attribute: the sharing is
+decided when tracing); seeds written by hand afterwards must keep siblings equal, or
+``configure`` them again.
+
 On a multi-device mesh each device flips only its own shard, by global element index, so N
 devices flip exactly the bits one device would at 1/N of the work: the input on its batch
 shard, the weight on its FSDP shard before XLA gathers it for the matmul (flipping then
@@ -156,15 +164,21 @@ class BitFlipLinear(nnx.Module):
         )
         self.x_flip = TensorFlip()
         self.w_flip = TensorFlip()
+        # True: the input seeds start equal to those of each sibling Linear of the same parent
+        # module with the same x_flip (rules.apply_rule_table), see flip_shared_input
+        self.x_seeds_shared = False
         self.x_seed_exp = BitflipSeed(jnp.int32(0))
         self.x_seed_frac = BitflipSeed(jnp.int32(0))
         self.w_seed_exp = BitflipSeed(jnp.int32(0))
         self.w_seed_frac = BitflipSeed(jnp.int32(0))  # SEED_NAMES, in this order
 
-    def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0)):
+    def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0),
+                  *, x_seeds_shared: bool = False):
         """Set the flips of the input and the weight and their starting seeds
-        ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
+        ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``; ``x_seeds_shared``: see the
+        module's doc."""
         self.x_flip, self.w_flip = x_flip, w_flip
+        self.x_seeds_shared = x_seeds_shared
         for name, seed in zip(SEED_NAMES, seeds):
             getattr(self, name)[...] = jnp.int32(seed)
 
@@ -181,14 +195,41 @@ class BitFlipLinear(nnx.Module):
         return None if self.layout is None else self.layout(logical_axes, shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x_sharding = self.sharding(activation_axes(x.ndim), x.shape)
-        x = flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac, x_sharding)
+        return self.project(self.flip_input(x))
+
+    def flip_input(self, x: jax.Array) -> jax.Array:
+        """``x`` through this layer's input flip (advancing its input seeds)."""
+        return flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac,
+                           self.sharding(activation_axes(x.ndim), x.shape))
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """``x @ flip(W)^T + b`` of an input already flipped (``flip_input``)."""
         w = self.effective_weight()
         w = flip_tensor(w, self.w_flip, self.w_seed_exp, self.w_seed_frac, self.sharding(self.axes, w.shape))
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def flip_shared_input(x: jax.Array, linears: Sequence[BitFlipLinear]) -> list[jax.Array]:
+    """Each of ``linears``' flipped copy of their common input ``x``. Those marked
+    ``x_seeds_shared`` with the same ``x_flip`` flip it once, with the first one's seeds (the
+    same as theirs), and each takes the advanced seeds; the others flip it themselves."""
+    flipped = [None] * len(linears)
+    for i, linear in enumerate(linears):
+        if flipped[i] is not None:
+            continue
+        flipped[i] = linear.flip_input(x)
+        if not (linear.x_seeds_shared and linear.x_flip.enabled):
+            continue
+        for j in range(i + 1, len(linears)):
+            sibling = linears[j]
+            if flipped[j] is None and sibling.x_seeds_shared and sibling.x_flip == linear.x_flip:
+                flipped[j] = flipped[i]
+                sibling.x_seed_exp.set_value(linear.x_seed_exp.get_value())
+                sibling.x_seed_frac.set_value(linear.x_seed_frac.get_value())
+    return flipped
 
 
 def named_linears(model: nnx.Module) -> dict[str, BitFlipLinear]:

@@ -86,7 +86,7 @@ def _copy_rest(source: BitFlipLinear, target: BitFlipLinear) -> None:
     the same, but under ``nnx.eval_shape`` each such write costs ~60 ms of jax tracer
     bookkeeping: minutes for a 70B model)."""
     target.bias = None if source.bias is None else _copy_variable(source.bias)
-    target.x_flip, target.w_flip = source.x_flip, source.w_flip
+    target.x_flip, target.w_flip, target.x_seeds_shared = source.x_flip, source.w_flip, source.x_seeds_shared
     for name in SEED_NAMES:
         setattr(target, name, _copy_variable(getattr(source, name)))
 

@@ -92,9 +92,22 @@ def apply_rule_table(model: nnx.Module, table: RuleTable) -> RuleTable:
     """Configure the ``BitFlipLinear`` of each row of ``table`` (``match_rules`` on ``model``'s
     layer names) as the row says; returns ``table``."""
     linears = named_linears(model)
+    shared = x_seeds_shared(table)
     for row in table:
-        linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds)
+        linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds, x_seeds_shared=row.layer in shared)
     return table
+
+
+def x_seeds_shared(table: RuleTable) -> set[str]:
+    """The layers of ``table`` whose input flip starts as that of every other Linear of the same
+    parent module with the same ``x_flip`` (one at least): the same input seeds, so reading the
+    same tensor they flip it alike (``jaxflip.bitflip.linear.flip_shared_input``)."""
+    by_flip: dict[tuple[str, TensorFlip], list[RuleRow]] = {}
+    for row in table:
+        if row.x_flip.enabled:
+            by_flip.setdefault((row.layer.rpartition(".")[0], row.x_flip), []).append(row)
+    return {row.layer for rows in by_flip.values()
+            if len(rows) > 1 and len({row.seeds[:2] for row in rows}) == 1 for row in rows}
 
 
 def match_rules(layer_names: list[str], rules: Mapping | RuleSet, seed_mode: str = "reference",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxflip.bitflip import BitFlipLinear
+from jaxflip.bitflip import BitFlipLinear, flip_shared_input
 from jaxflip.kernels_pallas.random_bitflip import FLIPPED_NAME, KEEP_NAME
 from jaxflip.models.llama_config import LlamaConfig
 from jaxflip.models.sharding import constrain, context_sharding
@@ -150,9 +150,12 @@ class LlamaAttention(nnx.Module):
         inv_freq = rope_inverse_frequencies(cfg)
         q_axes = ("batch", "length", "activation_heads", "activation_head_dim")
         kv_axes = ("batch", "length", "activation_kv_heads", "activation_head_dim")
-        q = apply_rope(self.q_proj(x).reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), positions, inv_freq)
-        v = self.v_proj(x).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        q_in, k_in, v_in = flip_shared_input(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = apply_rope(self.q_proj.project(q_in).reshape(B, T, cfg.num_attention_heads, cfg.head_dim), positions,
+                       inv_freq)
+        k = apply_rope(self.k_proj.project(k_in).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim), positions,
+                       inv_freq)
+        v = self.v_proj.project(v_in).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
         q, k, v = constrain(q, q_axes), constrain(k, kv_axes), constrain(v, kv_axes)
         if cache is None:
             # GQA: dot_product_attention shares each of the K key/value heads among N / K query heads
@@ -185,7 +188,9 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(config, F, D, ("embed", "mlp"), bias, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", "length", "activation_mlp"))
+        gate_in, up_in = flip_shared_input(x, (self.gate_proj, self.up_proj))
+        hidden = constrain(jax.nn.silu(self.gate_proj.project(gate_in)) * self.up_proj.project(up_in),
+                           ("batch", "length", "activation_mlp"))
         return constrain(self.down_proj(hidden), HIDDEN_AXES)
 
 
