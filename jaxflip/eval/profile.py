@@ -68,10 +68,25 @@ class ProfiledLinear(nnx.Module):
         self.maximum = AbsStats(jnp.zeros((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.project(self.flip_input(x))
+
+    # what the model's shared-input flips (jaxflip.bitflip.linear.flip_shared_input) call
+    @property
+    def x_flip(self):
+        return self.linear.x_flip
+
+    @property
+    def x_seeds_shared(self) -> bool:
+        return self.linear.x_seeds_shared
+
+    def flip_input(self, x: jax.Array) -> jax.Array:
         histogram, maximum = abs_histogram(x)
         self.histogram[...] += histogram
         self.maximum[...] = jnp.maximum(self.maximum[...], maximum)
-        return self.linear(x)
+        return self.linear.flip_input(x)
+
+    def project(self, x: jax.Array) -> jax.Array:
+        return self.linear.project(x)
 
 
 class Accumulator:

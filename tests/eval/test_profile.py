@@ -31,18 +31,18 @@ def captured_linear_inputs(model, tokens: np.ndarray) -> dict[str, list[np.ndarr
     """Every Linear's inputs over the profile's batches, recorded by running eagerly."""
     captured = {name: [] for name in named_linears(model)}
     names = {id(linear): name for name, linear in named_linears(model).items()}
-    original = BitFlipLinear.__call__
+    original = BitFlipLinear.flip_input  # every input passes here, a shared one too
 
     def recording(self, x):
         captured[names[id(self)]].append(np.asarray(x))
         return original(self, x)
 
-    BitFlipLinear.__call__ = recording
+    BitFlipLinear.flip_input = recording
     try:
         for start in range(0, len(tokens), BATCH):
             model(jnp.asarray(tokens[start:start + BATCH, :-1]))
     finally:
-        BitFlipLinear.__call__ = original
+        BitFlipLinear.flip_input = original
     return captured
 
 
