@@ -14,7 +14,8 @@ Flip settings are static Python attributes (they select the compiled code); the 
 Linears that read the same tensor (q/k/v, gate/up) and flip it alike, with input seeds that
 start equal (mase-triton's recipe gives every Linear the same seeds), flip it identically, so
 ``flip_shared_input`` flips it once for all of them and gives each the advanced seeds: one
-Philox pass instead of three (two), the same bits, values and gradients.
+Philox pass instead of three (two), the same bits and values; the input's gradient sums the
+readers' gradients before the keep mask instead of after, equal up to float rounding.
 ``apply_rule_table`` marks such Linears (``x_seeds_shared``, a static attribute: the sharing is
 decided when tracing); seeds written by hand afterwards must keep siblings equal, or
 ``configure`` them again.
