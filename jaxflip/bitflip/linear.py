@@ -8,8 +8,14 @@ The weight is stored in torch layout ``(out_features, in_features)``: ``random_b
 each flip on the element's row-major index, so this layout flips exactly the elements that
 mase-triton flips in ``nn.Linear.weight``, and HF weights copy in unchanged.
 
-Flip settings are static Python attributes (they select the compiled code); the seeds are
-``BitflipSeed`` state that every call advances.
+Flip settings are run-time state, as the seeds are: each flipped tensor's halves and
+zero-out threshold are a ``FlipSetting`` (``configure`` writes them; ``x_flip``/``w_flip`` read
+them back), its seeds ``BitflipSeed`` state that every call advances. Changing either compiles
+nothing. What is static is what the compiled code can do, ``Armed`` per tensor: whether it
+flips at all and whether it may zero out. ``configure`` keeps the arming when it covers the
+new settings, so a campaign that arms once for all its points (``jaxflip.bitflip.arm_for_tables``)
+runs every point, every per-layer cell and every seed with one compiled forward; a tensor
+armed but set off runs no Philox.
 
 Linears that read the same tensor (q/k/v, gate/up) and flip it alike, with input seeds that
 start equal (mase-triton's recipe gives every Linear the same seeds), flip it identically, so
@@ -42,12 +48,13 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxflip.bitflip.seeds import SEED_NAMES, BitflipSeed
-from jaxflip.kernels_pallas import random_bitflip
-from jaxflip.kernels_pallas.limits import flip_halves
+from jaxflip.bitflip.seeds import SEED_NAMES, BitflipSeed, FlipSetting
+from jaxflip.kernels_pallas.limits import SETTING_SIZE, flip_halves, flip_setting, setting_values
+from jaxflip.kernels_pallas.random_bitflip import flip_with_setting
 
 # ``(logical_axes, shape) -> sharding``: where a tensor with these logical axis names lies on
 # the current mesh (None: no mesh, or one device)
@@ -93,6 +100,41 @@ class TensorFlip:
         zero_out = "-" if self.zero_out_t is None else f"{self.zero_out_t:g}"
         return f"p_exp={prob(self.exp_halves)} p_frac={prob(self.frac_halves)} zero_out_t={zero_out}"
 
+    @property
+    def setting(self) -> np.ndarray:
+        """The run-time form (``FlipSetting``'s value), a host int32 vector."""
+        return flip_setting(self.exp_halves, self.frac_halves, self.zero_out_t)
+
+    @classmethod
+    def from_setting(cls, setting) -> TensorFlip:
+        """The flip a concrete run-time setting holds (its threshold as the float32 the op uses)."""
+        return cls(*setting_values(setting))
+
+
+@dataclass(frozen=True)
+class Armed:
+    """What one tensor's compiled flip can do: flip bits (at any halves) and zero out (at any
+    threshold). Static: arming differently compiles another program; the settings within it
+    are run-time data."""
+
+    flips: bool = False
+    zero_out: bool = False
+
+    @classmethod
+    def needed_by(cls, flip: TensorFlip) -> Armed:
+        return cls(flip.exp_halves is not None or flip.frac_halves is not None, flip.zero_out_t is not None)
+
+    def covers(self, flip: TensorFlip) -> bool:
+        needed = Armed.needed_by(flip)
+        return (self.flips or not needed.flips) and (self.zero_out or not needed.zero_out)
+
+    def __or__(self, other: Armed) -> Armed:
+        return Armed(self.flips or other.flips, self.zero_out or other.zero_out)
+
+    @property
+    def any(self) -> bool:
+        return self.flips or self.zero_out
+
 
 def _threshold(name: str, t) -> float | None:
     if t is None:
@@ -102,18 +144,19 @@ def _threshold(name: str, t) -> float | None:
     return float(t)
 
 
-def flip_tensor(value: jax.Array, flip: TensorFlip, seed_exp: BitflipSeed, seed_frac: BitflipSeed,
-                sharding: NamedSharding | None = None) -> jax.Array:
-    """Flip ``value`` with the current seeds and store the advanced seeds back. With a
-    ``sharding`` (over several devices), ``value`` is constrained to it and each device flips
-    its own shard."""
-    if not flip.enabled:
+def flip_tensor(value: jax.Array, armed: Armed, setting: FlipSetting, seed_exp: BitflipSeed,
+                seed_frac: BitflipSeed, sharding: NamedSharding | None = None) -> jax.Array:
+    """Flip ``value`` as its run-time ``setting`` says, with the current seeds, and store the
+    advanced seeds back; ``armed``: what the compiled code can do (nothing: ``value`` as is).
+    With a ``sharding`` (over several devices), ``value`` is constrained to it and each
+    device flips its own shard."""
+    if not armed.any:
         return value
     if sharding is not None:
         value = jax.lax.with_sharding_constraint(value, sharding)
-    flipped, next_exp, next_frac = random_bitflip(
-        value, flip.exp_halves, flip.frac_halves, seed_exp[...], seed_frac[...], flip.zero_out_t, sharding=sharding
-    )
+    flipped, next_exp, next_frac = flip_with_setting(
+        value, setting.get_value(), seed_exp[...], seed_frac[...], flips=armed.flips, zero_out=armed.zero_out,
+        sharding=sharding)
     # set_value, not ``seed[...] =``: flax compares the shardings of an indexed write, and a
     # tracer's missing sharding costs jax 0.10 a print of the trace so far (quadratic tracing)
     seed_exp.set_value(next_exp)
@@ -163,8 +206,10 @@ class BitFlipLinear(nnx.Module):
             nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[0],), eager_sharding=False)
             if use_bias else None
         )
-        self.x_flip = TensorFlip()
-        self.w_flip = TensorFlip()
+        self.x_armed = Armed()
+        self.w_armed = Armed()
+        self.x_setting = FlipSetting(jnp.zeros(SETTING_SIZE, jnp.int32))
+        self.w_setting = FlipSetting(jnp.zeros(SETTING_SIZE, jnp.int32))
         # True: the input seeds start equal to those of each sibling Linear of the same parent
         # module with the same x_flip (rules.apply_rule_table), see flip_shared_input
         self.x_seeds_shared = False
@@ -176,12 +221,33 @@ class BitFlipLinear(nnx.Module):
     def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0),
                   *, x_seeds_shared: bool = False):
         """Set the flips of the input and the weight and their starting seeds
-        ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``; ``x_seeds_shared``: see the
-        module's doc."""
-        self.x_flip, self.w_flip = x_flip, w_flip
+        ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``, as device arrays (the compiled
+        call takes them as arguments); ``x_seeds_shared``: see the module's doc. A tensor's
+        arming is kept when it covers the new flip (no new program), else set to what the flip
+        needs."""
+        for tensor, flip in (("x", x_flip), ("w", w_flip)):
+            armed = getattr(self, f"{tensor}_armed")
+            if not armed.covers(flip):
+                setattr(self, f"{tensor}_armed", Armed.needed_by(flip))
+            getattr(self, f"{tensor}_setting").set_value(jnp.asarray(flip.setting))
         self.x_seeds_shared = x_seeds_shared
         for name, seed in zip(SEED_NAMES, seeds):
-            getattr(self, name)[...] = jnp.int32(seed)
+            getattr(self, name).set_value(jnp.int32(seed))
+
+    def arm(self, x_armed: Armed, w_armed: Armed) -> None:
+        """Set what the compiled flips of the input and the weight can do (``Armed``), e.g. the
+        union over a campaign's settings, so that ``configure`` with any of them compiles nothing."""
+        self.x_armed, self.w_armed = x_armed, w_armed
+
+    @property
+    def x_flip(self) -> TensorFlip:
+        """The input's flip setting, read back from the run-time state (eagerly)."""
+        return TensorFlip.from_setting(self.x_setting.get_value())
+
+    @property
+    def w_flip(self) -> TensorFlip:
+        """The weight's flip setting, read back from the run-time state (eagerly)."""
+        return TensorFlip.from_setting(self.w_setting.get_value())
 
     def seeds(self) -> tuple[int, int, int, int]:
         """The current seeds ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``."""
@@ -200,13 +266,14 @@ class BitFlipLinear(nnx.Module):
 
     def flip_input(self, x: jax.Array) -> jax.Array:
         """``x`` through this layer's input flip (advancing its input seeds)."""
-        return flip_tensor(x, self.x_flip, self.x_seed_exp, self.x_seed_frac,
+        return flip_tensor(x, self.x_armed, self.x_setting, self.x_seed_exp, self.x_seed_frac,
                            self.sharding(activation_axes(x.ndim), x.shape))
 
     def project(self, x: jax.Array) -> jax.Array:
         """``x @ flip(W)^T + b`` of an input already flipped (``flip_input``)."""
         w = self.effective_weight()
-        w = flip_tensor(w, self.w_flip, self.w_seed_exp, self.w_seed_frac, self.sharding(self.axes, w.shape))
+        w = flip_tensor(w, self.w_armed, self.w_setting, self.w_seed_exp, self.w_seed_frac,
+                        self.sharding(self.axes, w.shape))
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -215,18 +282,19 @@ class BitFlipLinear(nnx.Module):
 
 def flip_shared_input(x: jax.Array, linears: Sequence[BitFlipLinear]) -> list[jax.Array]:
     """Each of ``linears``' flipped copy of their common input ``x``. Those marked
-    ``x_seeds_shared`` with the same ``x_flip`` flip it once, with the first one's seeds (the
-    same as theirs), and each takes the advanced seeds; the others flip it themselves."""
+    ``x_seeds_shared`` (which ``apply_rule_table`` gives only to siblings with the same input
+    flip and seeds) and armed alike flip it once, with the first one's seeds (the same as
+    theirs), and each takes the advanced seeds; the others flip it themselves."""
     flipped = [None] * len(linears)
     for i, linear in enumerate(linears):
         if flipped[i] is not None:
             continue
         flipped[i] = linear.flip_input(x)
-        if not (linear.x_seeds_shared and linear.x_flip.enabled):
+        if not (linear.x_seeds_shared and linear.x_armed.any):
             continue
         for j in range(i + 1, len(linears)):
             sibling = linears[j]
-            if flipped[j] is None and sibling.x_seeds_shared and sibling.x_flip == linear.x_flip:
+            if flipped[j] is None and sibling.x_seeds_shared and sibling.x_armed == linear.x_armed:
                 flipped[j] = flipped[i]
                 sibling.x_seed_exp.set_value(linear.x_seed_exp.get_value())
                 sibling.x_seed_frac.set_value(linear.x_seed_frac.get_value())

@@ -21,12 +21,12 @@ missing setting means None (seeds: 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flax import nnx
 
-from jaxflip.bitflip.linear import LM_HEAD, TensorFlip, named_linears
+from jaxflip.bitflip.linear import LM_HEAD, Armed, TensorFlip, named_linears
 from jaxflip.bitflip.seeds import SEED_NAMES, independent_seed
 from jaxflip.kernels_pallas.limits import check_seed
 
@@ -96,6 +96,21 @@ def apply_rule_table(model: nnx.Module, table: RuleTable) -> RuleTable:
     for row in table:
         linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds, x_seeds_shared=row.layer in shared)
     return table
+
+
+def arm_for_tables(model: nnx.Module, tables: Iterable[RuleTable]) -> None:
+    """Arm each ``BitFlipLinear`` of ``model`` for everything any of ``tables`` (``match_rules``
+    on its layer names) sets it to, and no more: ``apply_rule_table`` with any of them then
+    changes only run-time settings and seeds, so a whole campaign (grid points, per-layer
+    cells, seeds) runs one compiled forward. A Linear no table flips is disarmed."""
+    linears = named_linears(model)
+    armed = dict.fromkeys(linears, (Armed(), Armed()))
+    for table in tables:
+        for row in table:
+            x_armed, w_armed = armed[row.layer]
+            armed[row.layer] = (x_armed | Armed.needed_by(row.x_flip), w_armed | Armed.needed_by(row.w_flip))
+    for name, (x_armed, w_armed) in armed.items():
+        linears[name].arm(x_armed, w_armed)
 
 
 def x_seeds_shared(table: RuleTable) -> set[str]:

@@ -1,4 +1,9 @@
-"""Bitflip seeds as explicit NNX state.
+"""Bitflip seeds and flip settings as explicit NNX state.
+
+Both are ``BitflipState``: run-time arguments of every compiled forward and training step,
+never parameters. ``FlipSetting`` holds one tensor's halves and zero-out threshold
+(``jaxflip.kernels_pallas.limits.flip_setting``), so changing them compiles nothing;
+``BitflipSeed`` holds one Philox seed.
 
 Each flipped tensor has two Philox seeds (one for the sign/exponent bits, one for the fraction
 bits). mase-triton keeps them as Python ints on the layer and advances them after every call;
@@ -35,8 +40,18 @@ SEED_NAMES = ("x_seed_exp", "x_seed_frac", "w_seed_exp", "w_seed_frac")
 INDEPENDENT_SEED_RANGE = 2**30
 
 
-class BitflipSeed(nnx.Variable):
+class BitflipState(nnx.Variable):
+    """The bitflip state of a Linear: its seeds and flip settings (neither is trained, and
+    neither is in an HF or jaxflip checkpoint's weights)."""
+
+
+class BitflipSeed(BitflipState):
     """An int32 scalar: the current Philox seed of one bit group of one flipped tensor."""
+
+
+class FlipSetting(BitflipState):
+    """An int32 vector: one tensor's run-time flip setting (halves of each group, zero-out
+    flag and threshold bits; all zeros: off)."""
 
 
 def seed_snapshot(model: nnx.Module) -> nnx.State:

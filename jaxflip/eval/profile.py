@@ -72,8 +72,8 @@ class ProfiledLinear(nnx.Module):
 
     # what the model's shared-input flips (jaxflip.bitflip.linear.flip_shared_input) call
     @property
-    def x_flip(self):
-        return self.linear.x_flip
+    def x_armed(self):
+        return self.linear.x_armed
 
     @property
     def x_seeds_shared(self) -> bool:

@@ -4,7 +4,12 @@ On GPU it lowers through Triton; Pallas's Triton lowering has no rule for ``lax.
 the high word of each Philox product comes from PTX ``mul.hi.u32`` (as in Triton's own
 ``umulhi``, which mase-triton's kernel uses).
 In interpret mode (CPU) the same kernel body runs with the portable 16-bit-split multiply.
-Halves, dtype and threshold are compile-time constants; seeds are run-time values. Each
+The dtype, the launch and whether the kernel may zero out are compile-time constants; the
+seeds, the halves of each group (0: off) and the zero-out threshold are run-time scalars, so
+one compiled kernel serves every flip setting. The Philox round count (10, 12 or 16, by
+halves) is a branch uniform over the program, as is the number of words a first call ANDs
+(1-4): each branch is the static code of its case, so run-time halves cost no more Philox
+work than compile-time ones did (benchmarks/NOTES.md, issue 25). Each
 element runs a group's Philox calls only while a masked bit of its own survives (the
 ``per_element`` mode, ``_flip_per_element``), and when the two seeds are equal (the
 reference's seeds always are) both groups take their bits from one Philox stream. Neither
@@ -27,8 +32,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxflip.kernels_pallas.layout import Segments, segments_global_index
+from jaxflip.kernels_pallas.limits import EXP_HALVES, FRAC_HALVES, SETTING_SIZE, THRESHOLD_BITS, ZERO_OUT
 from jaxflip.kernels_pallas.philox import (
     BITS_DTYPE,
+    ROUND_COUNTS,
     and_call_words,
     flip_groups,
     group_flip_word,
@@ -36,9 +43,20 @@ from jaxflip.kernels_pallas.philox import (
     philox4x32,
     philox4x32_after,
     philox_calls,
-    philox_rounds,
-    zero_out_keep,
+    rounds_index,
+    setting_keep,
 )
+
+# the kernel's scalar operand, uint32: the two seeds, the shard's first global index, then
+# the run-time setting (jaxflip.kernels_pallas.limits: halves, zero-out flag, threshold bits)
+SEED_EXP, SEED_FRAC, BASE, SETTING = 0, 1, 2, 3
+N_SCALARS = SETTING + SETTING_SIZE
+
+
+def kernel_scalars(seed_exp, seed_frac, base, setting) -> jnp.ndarray:
+    """The kernel's scalar operand of these seeds, first global index and setting vector."""
+    head = jnp.stack([jnp.asarray(v).astype(jnp.uint32) for v in (seed_exp, seed_frac, base)])
+    return jnp.concatenate([head, jnp.asarray(setting).astype(jnp.uint32)])
 
 MODES = ("dense", "per_element")
 
@@ -133,36 +151,38 @@ def _store(ref, pos, value, mask):
     plgpu.store(ref.at[pos], value, mask=mask)
 
 
-def _bitflip_kernel(scalars_ref, x_ref, y_ref, *keep_ref, n, block, segments, exp_halves, frac_halves,
-                    dtype_name, threshold, interpret, launch):
-    seeds = (scalars_ref[0], scalars_ref[1])
+def _bitflip_kernel(scalars_ref, x_ref, y_ref, *keep_ref, n, block, segments, dtype_name, zero_out, interpret,
+                    launch):
+    seeds = (scalars_ref[SEED_EXP], scalars_ref[SEED_FRAC])
+    exp_halves = scalars_ref[SETTING + EXP_HALVES].astype(jnp.int32)
+    frac_halves = scalars_ref[SETTING + FRAC_HALVES].astype(jnp.int32)
+    finish = functools.partial(_finish, dtype_name=dtype_name, zero_out=zero_out,
+                               zero_out_flag=scalars_ref[SETTING + ZERO_OUT],
+                               threshold_bits=scalars_ref[SETTING + THRESHOLD_BITS])
     # read outside the cond below: interpret mode substitutes program_id only at the top level
     first = pl.program_id(0) * block
     flip = functools.partial(
         _flip_per_element if launch.mode == "per_element" else _flip_block,
-        seeds=seeds, base=scalars_ref[2], first=first, x_ref=x_ref, y_ref=y_ref, keep_ref=keep_ref[0] if keep_ref else None,
-        n=n, block=block, segments=segments, dtype_name=dtype_name, threshold=threshold,
+        seeds=seeds, base=scalars_ref[BASE], first=first, x_ref=x_ref, y_ref=y_ref,
+        keep_ref=keep_ref[0] if keep_ref else None, n=n, block=block, segments=segments, finish=finish,
         mulhilo=mulhilo_16bit_split if interpret else ptx_mulhilo, launch=launch,
     )
-    groups = flip_groups(exp_halves, frac_halves, dtype_name)
-    if len(groups) == 2 and exp_halves == frac_halves:
-        # equal seeds (the reference's: every layer starts both at 0) share every Philox call
-        shared = flip_groups(exp_halves, frac_halves, dtype_name, shared_seed=True)
-        lax.cond(seeds[0] == seeds[1], lambda: flip(shared), lambda: flip(groups))
-    else:
-        flip(groups)
+    # equal seeds and halves (the reference's: every layer starts both seeds at 0) share every Philox call
+    shared = (seeds[0] == seeds[1]) & (exp_halves == frac_halves) & (exp_halves > 0)
+    lax.cond(shared, lambda: flip(flip_groups(exp_halves, frac_halves, dtype_name, shared_seed=True)),
+             lambda: flip(flip_groups(exp_halves, frac_halves, dtype_name)))
 
 
-def _finish(bits, dtype_name, threshold):
-    """The output bits after zero-out, and the int8 keep mask (None without a threshold)."""
-    if threshold is None:
+def _finish(bits, *, dtype_name, zero_out, zero_out_flag, threshold_bits):
+    """The output bits after zero-out, and the int8 keep mask (None when the kernel never
+    zeroes out)."""
+    if not zero_out:
         return bits, None
-    keep = zero_out_keep(bits, dtype_name, threshold)
+    keep = setting_keep(bits, dtype_name, zero_out_flag, threshold_bits)
     return jnp.where(keep, bits, jnp.zeros_like(bits)), keep.astype(jnp.int8)
 
 
-def _flip_block(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, dtype_name, threshold,
-                mulhilo, launch):
+def _flip_block(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, finish, mulhilo, launch):
     """Dense mode: the whole block's groups in one pass, one element per lane."""
     pos = lax.iota(jnp.int32, block)
     local = first + pos
@@ -172,14 +192,28 @@ def _flip_block(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block,
     for group in groups:
         word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo)
         bits = bits ^ word.astype(bits.dtype)
-    bits, keep = _finish(bits, dtype_name, threshold)
+    bits, keep = finish(bits)
     _store(y_ref, pos, bits, in_bounds)
     if keep_ref is not None:
         _store(keep_ref, pos, keep, in_bounds)
 
 
-def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, dtype_name, threshold,
-                      mulhilo, launch):
+def _first_call_word(index, seed, halves, mask: int, mulhilo):
+    """``mask`` AND the words of a group's first Philox call, ``min(halves, 4)`` of them; 0 for
+    a group that is off. One branch per (round count, words) case, uniform over the program,
+    so each is the static code (the words a case does not AND are dead code)."""
+    u32 = jnp.uint32
+    cases = [(ROUND_COUNTS[0], n_words) for n_words in (1, 2, 3)] + [(n_rounds, 4) for n_rounds in ROUND_COUNTS]
+
+    def case(n_rounds, n_words):
+        return lambda: and_call_words(u32(mask), philox4x32(index, seed, n_rounds, mulhilo), n_words)
+
+    branch = jnp.where(halves == 0, 0, jnp.where(halves < 4, halves, 4 + rounds_index(halves)))
+    return lax.switch(branch, [lambda: jnp.zeros(index.shape, u32)] + [case(*c) for c in cases])
+
+
+def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, block, segments, finish, mulhilo,
+                      launch):
     """Per-element continuation (``Launch.mode == "per_element"``), bit-identical to dense.
 
     Phase 1, dense: slot by slot (two at a time, for instruction-level parallelism), every
@@ -205,7 +239,7 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
 
     def write(pos, x_bits, word, done, mask):
         """Where ``mask``: the flipped, zeroed-out element where ``done``, else the scratch word."""
-        y, keep = _finish(x_bits ^ word.astype(x_bits.dtype), dtype_name, threshold)
+        y, keep = finish(x_bits ^ word.astype(x_bits.dtype))
         _store(y_ref, pos, jnp.where(done, y, word.astype(x_bits.dtype)), mask)
         if keep_ref is not None:
             _store(keep_ref, pos, keep, mask & done)
@@ -219,13 +253,11 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
         unsettled = jnp.zeros((lanes,), jnp.bool_)
         pending = list(pending)
         for g, group in enumerate(groups):
-            words = philox4x32(index, seeds[group.seed].astype(u32), philox_rounds(group.halves), mulhilo)
-            acc = and_call_words(u32(group.mask), words, min(4, group.halves))
+            acc = _first_call_word(index, seeds[group.seed].astype(u32), group.halves, group.mask, mulhilo)
             word = word | acc
-            if philox_calls(group.halves) > 1:
-                alive = (acc != 0) & in_bounds
-                unsettled = unsettled | alive
-                pending[g] = pending[g] | (alive.astype(u32) << slot.astype(u32))
+            alive = (acc != 0) & in_bounds & (group.halves > 4)  # more calls to come
+            unsettled = unsettled | alive
+            pending[g] = pending[g] | (alive.astype(u32) << slot.astype(u32))
         write(pos, x_bits, word, ~unsettled, in_bounds)
         return tuple(pending)
 
@@ -249,7 +281,15 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
         lowest = 31 - lax.clz(lax.bitcast_convert_type(word & (~word + u32(1)), jnp.int32))
         return jnp.where(word == 0, 32, lowest)
 
-    rounds = tuple(sorted({philox_rounds(group.halves) for group in groups}))
+    # the round count of the loop's calls: one for every lane when the groups that continue
+    # (halves > 4) share it, else each lane's own, from one pass of 16 rounds
+    codes = [rounds_index(group.halves) for group in groups]
+    if n_groups == 1:
+        rounds_branch = codes[0]
+    else:
+        exp_continues, frac_continues = (group.halves > 4 for group in groups)
+        mixed = exp_continues & frac_continues & (codes[0] != codes[1])
+        rounds_branch = jnp.where(mixed, len(ROUND_COUNTS), jnp.where(exp_continues, codes[0], codes[1]))
 
     def busy(state):
         pending, slot = state[0], state[1]
@@ -278,11 +318,16 @@ def _flip_per_element(groups, *, seeds, base, first, x_ref, y_ref, keep_ref, n, 
         call = jnp.where(start, 1, call)
 
         seed = per_group([seeds[group.seed] for group in groups], g, u32)
-        states = philox4x32_after(global_index(pos), seed + call.astype(u32), rounds, mulhilo)
-        words = states[0]
-        if len(rounds) > 1:
-            fewer = per_group([philox_rounds(group.halves) == rounds[0] for group in groups], g, jnp.bool_)
-            words = tuple(jnp.where(fewer, a, b) for a, b in zip(states[0], states[1]))
+        counter, key = global_index(pos), seed + call.astype(u32)
+
+        def each_lane_rounds():
+            states = philox4x32_after(counter, key, ROUND_COUNTS, mulhilo)
+            code = per_group(codes, g)
+            return tuple(jnp.where(code == 0, a, jnp.where(code == 1, b, c)) for a, b, c in zip(*states))
+
+        words = lax.switch(rounds_branch, [
+            *(lambda n_rounds=n_rounds: tuple(philox4x32(counter, key, n_rounds, mulhilo)) for n_rounds in ROUND_COUNTS),
+            each_lane_rounds])
         full_calls = per_group([group.halves // 4 for group in groups], g)
         last_words = per_group([group.halves % 4 for group in groups], g)
         acc = and_call_words(acc, words, jnp.where(call < full_calls, 4, last_words))
@@ -305,36 +350,30 @@ def bitflip_pallas(
     scalars: jnp.ndarray,
     *,
     segments: Segments,
-    exp_halves: int | None,
-    frac_halves: int | None,
-    threshold: float | None,
+    zero_out: bool,
     interpret: bool,
     launch: Launch | None = None,
     with_keep: bool = True,
 ):
-    """Flip a flat array. ``scalars`` is uint32 ``[seed_exp, seed_frac, base, 0]``.
+    """Flip a flat array. ``scalars`` is uint32 ``[seed_exp, seed_frac, base, *setting]`` (the
+    run-time setting of ``jaxflip.kernels_pallas.limits``: halves, zero-out flag, threshold bits).
 
-    Returns ``y`` and, when ``threshold`` is set and ``with_keep``, the int8 keep mask
-    (``|y| < threshold`` before zero-out), which is the backward pass's exact residual; a
-    forward that no gradient needs passes ``with_keep=False`` and writes no mask. The kernel
-    reads and writes bit patterns, never floats, so NaN payloads pass through untouched as in
-    mase-triton (XLA on CPU would canonicalize them in a bfloat16 store). ``launch``:
-    :func:`default_launch` when None.
+    ``zero_out``: whether the setting may zero out (False: the kernel has no zero-out code and
+    ignores the setting's flag). Returns ``y`` and, when ``zero_out`` and ``with_keep``, the
+    int8 keep mask (``|y| < threshold`` before zero-out; all ones where the setting does not
+    zero out), which is the backward pass's exact residual; a forward that no gradient needs
+    passes ``with_keep=False`` and writes no mask. The kernel reads and writes bit patterns,
+    never floats, so NaN payloads pass through untouched as in mase-triton (XLA on CPU would
+    canonicalize them in a bfloat16 store). ``launch``: :func:`default_launch` when None.
     """
     return _bitflip_pallas(
-        x_flat, scalars, segments=segments, exp_halves=exp_halves, frac_halves=frac_halves,
-        threshold=threshold, interpret=interpret,
-        launch=launch or default_launch(interpret),
-        with_keep=with_keep and threshold is not None,
+        x_flat, scalars, segments=segments, zero_out=zero_out, interpret=interpret,
+        launch=launch or default_launch(interpret), with_keep=with_keep and zero_out,
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("segments", "exp_halves", "frac_halves", "threshold", "interpret", "launch", "with_keep"),
-)
-def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, threshold, interpret, launch: Launch,
-                    with_keep: bool):
+@functools.partial(jax.jit, static_argnames=("segments", "zero_out", "interpret", "launch", "with_keep"))
+def _bitflip_pallas(x_flat, scalars, *, segments, zero_out, interpret, launch: Launch, with_keep: bool):
     (n,) = x_flat.shape
     dtype_name = jnp.dtype(x_flat.dtype).name
     x_bits = lax.bitcast_convert_type(x_flat, BITS_DTYPE[dtype_name])
@@ -346,9 +385,8 @@ def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, thres
     if with_keep:
         out_shape.append(jax.ShapeDtypeStruct((n,), jnp.int8))
     kernel = functools.partial(
-        _bitflip_kernel, n=n, block=block, segments=segments, exp_halves=exp_halves,
-        frac_halves=frac_halves, dtype_name=dtype_name, threshold=threshold, interpret=interpret,
-        launch=launch,
+        _bitflip_kernel, n=n, block=block, segments=segments, dtype_name=dtype_name, zero_out=zero_out,
+        interpret=interpret, launch=launch,
     )
     block_spec = pl.BlockSpec((block,), lambda i: (i,))
     compiler_params = None if interpret else plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=1)
@@ -356,7 +394,7 @@ def _bitflip_pallas(x_flat, scalars, *, segments, exp_halves, frac_halves, thres
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(n, block),),
-        in_specs=[pl.BlockSpec((4,), lambda i: (0,)), block_spec],
+        in_specs=[pl.BlockSpec((N_SCALARS,), lambda i: (0,)), block_spec],
         out_specs=[block_spec] * len(out_shape),
         interpret=interpret,
         compiler_params=compiler_params,

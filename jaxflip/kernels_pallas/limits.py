@@ -12,8 +12,17 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 MAX_HALVES = 24  # the smallest flip probability the kernel supports is 0.5**24
 SEED_LIMIT = 2**31 - 8  # 0 <= seed < 2**31 - 8: mase-triton's exact range; advanced seeds wrap modulo it
+
+# The run-time form of one tensor's flip settings, an int32 vector of SETTING_SIZE: the halves
+# of each group (0: that group off), whether to zero out, and the zero-out threshold's float32
+# bits. All zeros is "off": a model's settings start so. The compiled op reads it as data, so
+# one program serves every halves and threshold (issue 25).
+EXP_HALVES, FRAC_HALVES, ZERO_OUT, THRESHOLD_BITS = range(4)
+SETTING_SIZE = 4
 
 
 def find_nearest_prob_n_halves(p: float | None) -> int | None:
@@ -81,3 +90,26 @@ def check_seed(name: str, seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"{name} must be an int in [0, 2**31 - 8), got {seed!r}")
     return int(seed)
+
+
+def flip_setting(exp_halves: int | None, frac_halves: int | None, threshold: float | None) -> np.ndarray:
+    """The run-time setting vector of these (checked) halves and threshold, a host int32 array."""
+    check_halves("exp_halves", exp_halves)
+    check_halves("frac_halves", frac_halves)
+    threshold = check_threshold(threshold)
+    setting = np.zeros(SETTING_SIZE, np.int32)
+    setting[EXP_HALVES] = exp_halves or 0
+    setting[FRAC_HALVES] = frac_halves or 0
+    if threshold is not None:
+        setting[ZERO_OUT] = 1
+        # float32 as the reference's kernel argument is; a threshold past float32's range is inf
+        with np.errstate(over="ignore"):
+            setting[THRESHOLD_BITS] = np.float32(threshold).view(np.int32)
+    return setting
+
+
+def setting_values(setting) -> tuple[int | None, int | None, float | None]:
+    """``(exp_halves, frac_halves, threshold)`` of a concrete setting vector (None: off)."""
+    values = np.asarray(setting, np.int32)
+    threshold = float(values[THRESHOLD_BITS:THRESHOLD_BITS + 1].view(np.float32)[0]) if values[ZERO_OUT] else None
+    return int(values[EXP_HALVES]) or None, int(values[FRAC_HALVES]) or None, threshold

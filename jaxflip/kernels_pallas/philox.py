@@ -45,6 +45,9 @@ FRAC_MASK = {"float32": 0x007FFFFF, "float16": 0x03FF, "bfloat16": 0x007F}
 BITS_DTYPE = {"float32": jnp.uint32, "float16": jnp.uint16, "bfloat16": jnp.uint16}
 
 
+ROUND_COUNTS = (10, 12, 16)  # mase-triton's Philox rounds by halves (SPEC): < 13, < 19, else
+
+
 def philox_rounds(halves: int) -> int:
     """Philox rounds mase-triton uses for a group with ``halves`` (SPEC: 10 / 12 / 16)."""
     if halves < 13:
@@ -52,6 +55,11 @@ def philox_rounds(halves: int) -> int:
     if halves < 19:
         return 12
     return 16
+
+
+def rounds_index(halves: jnp.ndarray) -> jnp.ndarray:
+    """Run-time ``ROUND_COUNTS.index(philox_rounds(halves))`` of an int32 ``halves``."""
+    return (halves >= 13).astype(jnp.int32) + (halves >= 19).astype(jnp.int32)
 
 
 def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhilo: MulHiLo = mulhilo_16bit_split):
@@ -86,42 +94,38 @@ def philox4x32_after(counter: jnp.ndarray, key: jnp.ndarray, rounds: tuple[int, 
     return states
 
 
-def philox_calls(halves: int) -> int:
-    """Philox calls one group needs: ``ceil(halves / 4)`` (four words per call)."""
+def philox_calls(halves):
+    """Philox calls one group needs: ``ceil(halves / 4)`` (four words per call); 0 when off."""
     return -(-halves // 4)
 
 
 @dataclass(frozen=True)
 class FlipGroup:
-    """One group of bits flipped together: its ``halves``, its bit ``mask`` and which seed
-    (0: exponent's, 1: fraction's) keys its Philox stream."""
+    """One group of bits flipped together: its ``halves`` (a Python int or a run-time int32
+    scalar; 0: the group is off), its bit ``mask`` and which seed (0: exponent's, 1:
+    fraction's) keys its Philox stream."""
 
-    halves: int
+    halves: object
     mask: int
     seed: int
 
 
-def flip_groups(exp_halves: int | None, frac_halves: int | None, dtype_name: str,
-                shared_seed: bool = False) -> tuple[FlipGroup, ...]:
-    """The groups that flip, exponent first (the order the reference applies them).
+def flip_groups(exp_halves, frac_halves, dtype_name: str, shared_seed: bool = False) -> tuple[FlipGroup, ...]:
+    """The exponent group then the fraction group (the order the reference applies them).
 
     ``shared_seed``: the two seeds are equal and so are the halves; both groups then AND the
     same Philox words, so they are one group whose mask is both masks (half the calls, the
-    same bits): the reference's own seeds (every layer starts both at 0) are always so.
+    same bits): the reference's own seeds (every layer starts both at 0) are always so. The
+    caller checks that the halves are equal (they may be run-time values).
     """
-    groups = tuple(FlipGroup(halves, mask[dtype_name], seed)
-                   for seed, (halves, mask) in enumerate(((exp_halves, SIGN_EXP_MASK), (frac_halves, FRAC_MASK)))
-                   if halves is not None)
     if shared_seed:
-        if len(groups) != 2 or exp_halves != frac_halves:
-            raise ValueError("shared_seed needs both groups at the same halves")
-        return (FlipGroup(exp_halves, groups[0].mask | groups[1].mask, 0),)
-    return groups
+        return (FlipGroup(exp_halves, SIGN_EXP_MASK[dtype_name] | FRAC_MASK[dtype_name], 0),)
+    return (FlipGroup(exp_halves, SIGN_EXP_MASK[dtype_name], 0), FlipGroup(frac_halves, FRAC_MASK[dtype_name], 1))
 
 
 def and_call_words(bits: jnp.ndarray, words, n_words) -> jnp.ndarray:
     """``bits`` AND the first ``n_words`` of a Philox call's four ``words``; ``n_words`` an
-    int, or an int32 array (per element: the call it stands for is a group's last, or not)."""
+    int, or an int32 array or scalar (per element or run-time: how many words the call gives)."""
     if isinstance(n_words, int):
         for word in words[:n_words]:
             bits = bits & word
@@ -132,27 +136,56 @@ def and_call_words(bits: jnp.ndarray, words, n_words) -> jnp.ndarray:
     return bits
 
 
+# The groups' Philox work by halves: (calls, rounds) is constant over each range of halves, so a
+# run-time halves selects one of these static cases (a branch uniform over the array), and only
+# the number of words the last call ANDs is run-time: 1-4 halves, 5-8, 9-12 (10 rounds),
+# 13-16, 17-18 (12), 19-20, 21-24 (16).
+CALL_CASES = tuple(sorted({(philox_calls(h), philox_rounds(h)) for h in range(1, 25)}, key=lambda case: case[::-1]))
+CASE_FIRST_HALVES = tuple(min(h for h in range(1, 25) if (philox_calls(h), philox_rounds(h)) == case)
+                          for case in CALL_CASES)
+
+
+def call_case(halves: jnp.ndarray) -> jnp.ndarray:
+    """The branch of a run-time int32 ``halves``: 0 for off, else 1 + its ``CALL_CASES`` index."""
+    return sum((halves >= first).astype(jnp.int32) for first in CASE_FIRST_HALVES)
+
+
+def rounds_index(halves: jnp.ndarray) -> jnp.ndarray:
+    """Run-time ``ROUND_COUNTS.index(philox_rounds(halves))`` of an int32 ``halves``."""
+    return (halves >= 13).astype(jnp.int32) + (halves >= 19).astype(jnp.int32)
+
+
 def group_flip_word(
     index: jnp.ndarray,
     seed: jnp.ndarray,
-    halves: int,
+    halves,
     group_mask: int,
     mulhilo: MulHiLo = mulhilo_16bit_split,
 ) -> jnp.ndarray:
-    """uint32 word whose bits of ``group_mask`` are set with probability ``0.5 ** halves`` each.
+    """uint32 word whose bits of ``group_mask`` are set with probability ``0.5 ** halves`` each
+    (``halves`` a run-time int32 scalar or an int; 0: no bit set, no Philox run).
 
     ``group_mask`` AND ``halves`` independent Philox words: ``q, r = divmod(halves, 4)``; the
     four words of ``philox(seed + k, index)`` for ``k < q``, then the first ``r`` words of
     ``philox(seed + q, index)``. mase-triton also computes ``philox(seed + q)`` when r == 0
-    and discards it; we do not compute it at all.
+    and discards it; we do not compute it at all. One branch per ``CALL_CASES`` entry, each
+    the static code of its calls and rounds (XLA fuses it whole, as it would a constant halves).
     """
-    n_rounds = philox_rounds(halves)
-    q, r = divmod(halves, 4)
+    halves = jnp.asarray(halves, jnp.int32)
     seed = seed.astype(jnp.uint32)
-    bits = jnp.uint32(group_mask)
-    for k in range(philox_calls(halves)):
-        bits = and_call_words(bits, philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo), 4 if k < q else r)
-    return bits
+    last_words = halves - 4 * (philox_calls(halves) - 1)
+
+    def case(n_calls, n_rounds):
+        def flip_word():
+            bits = jnp.full(index.shape, group_mask, jnp.uint32)
+            for k in range(n_calls):
+                words = philox4x32(index, seed + jnp.uint32(k), n_rounds, mulhilo)
+                bits = and_call_words(bits, words, 4 if k < n_calls - 1 else last_words)
+            return bits
+        return flip_word
+
+    return lax.switch(call_case(halves), [lambda: jnp.zeros(index.shape, jnp.uint32)]
+                      + [case(*c) for c in CALL_CASES])
 
 
 def flip_bits(
@@ -160,31 +193,41 @@ def flip_bits(
     index: jnp.ndarray,
     seed_exp: jnp.ndarray,
     seed_frac: jnp.ndarray,
-    exp_halves: int | None,
-    frac_halves: int | None,
+    exp_halves,
+    frac_halves,
     dtype_name: str,
     mulhilo: MulHiLo = mulhilo_16bit_split,
     shared_seed: bool = False,
 ) -> jnp.ndarray:
     """Flip the bits of ``bits`` (the float's bit pattern, uint16 or uint32) at ``index``.
 
-    The exponent group then the fraction group, each with its own halves and seed. The
-    Philox words are 32-bit; for 16-bit floats the reference truncates each word to 16 bits
-    before ANDing, which equals truncating the AND, so we AND in uint32 and narrow once.
-    ``shared_seed``: the caller knows the seeds are equal (:func:`flip_groups`).
+    The exponent group then the fraction group, each with its own halves (run-time int32
+    scalars or ints; 0 or None: that group off) and seed. The Philox words are 32-bit; for
+    16-bit floats the reference truncates each word to 16 bits before ANDing, which equals
+    truncating the AND, so we AND in uint32 and narrow once. ``shared_seed``: the caller
+    knows the seeds and the halves are equal (:func:`flip_groups`).
     """
     seeds = (seed_exp, seed_frac)
+    exp_halves, frac_halves = (0 if halves is None else halves for halves in (exp_halves, frac_halves))
     for group in flip_groups(exp_halves, frac_halves, dtype_name, shared_seed):
         word = group_flip_word(index, seeds[group.seed], group.halves, group.mask, mulhilo)
         bits = bits ^ word.astype(bits.dtype)
     return bits
 
 
-def zero_out_keep(bits: jnp.ndarray, dtype_name: str, threshold: float) -> jnp.ndarray:
+def zero_out_keep(bits: jnp.ndarray, dtype_name: str, threshold) -> jnp.ndarray:
     """``|y| < threshold`` for the float whose bit pattern is ``bits`` (False for NaN, inf).
 
     Compared in float32 like the reference (its threshold is a float32 kernel argument and
-    16-bit values promote); the zeroed output is then written as bits, ``+0.0``.
+    16-bit values promote); the zeroed output is then written as bits, ``+0.0``. ``threshold``:
+    a float or a run-time float32 scalar.
     """
     value = lax.bitcast_convert_type(bits, getattr(jnp, dtype_name)).astype(jnp.float32)
-    return jnp.abs(value) < jnp.float32(threshold)
+    return jnp.abs(value) < jnp.asarray(threshold, jnp.float32)
+
+
+def setting_keep(bits: jnp.ndarray, dtype_name: str, zero_out, threshold_bits) -> jnp.ndarray:
+    """The keep mask of a run-time setting: ``zero_out_keep`` where the setting zeroes out
+    (``zero_out`` nonzero, the threshold as float32 bits), all True where it does not."""
+    threshold = lax.bitcast_convert_type(jnp.asarray(threshold_bits).astype(jnp.uint32), jnp.float32)
+    return zero_out_keep(bits, dtype_name, threshold) | (zero_out == 0)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxflip.bitflip import LM_HEAD, BitflipSeed
+from jaxflip.bitflip import LM_HEAD, BitflipState
 from jaxflip.data.sources import hub_failure
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, has_tokenizer
 from jaxflip.models.llama import LlamaForCausalLM
@@ -153,7 +153,7 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
     graphdef, abstract_state = nnx.split(abstract)
     flat_state = nnx.to_flat_state(abstract_state)
     keys = {path: ".".join(str(part) for part in path)
-            for path, variable in flat_state if not isinstance(variable, BitflipSeed)}
+            for path, variable in flat_state if not isinstance(variable, BitflipState)}
     ignored = {key for key in state_dict if key.endswith("rotary_emb.inv_freq")}  # older HF checkpoints
     if config.tie_word_embeddings:
         ignored.add(LM_HEAD_WEIGHT)
@@ -173,7 +173,7 @@ def llama_from_hf_state_dict(config: LlamaConfig | Mapping, state_dict: Mapping,
                                  f"weights are not cast from integers")
             if value.shape != variable.shape:
                 raise ValueError(f"{keys[path]!r}: HF tensor has shape {value.shape}, the model expects {variable.shape}")
-        else:  # a bitflip seed
+        else:  # a bitflip seed or flip setting: zeros, no flips
             value = np.zeros(variable.shape, variable.dtype)
         sharding = shardings[path].get_value() if path in shardings else None
         if isinstance(value, RowBlockTensor):

@@ -128,7 +128,8 @@ def state_bytes_per_device(training: AbstractTraining, mesh: AbstractMesh) -> di
 
 
 def _flips(linear: BitFlipLinear) -> tuple[bool, bool]:
-    return linear.x_flip.enabled, linear.w_flip.enabled
+    """Whether the compiled step flips (or zeroes out) the input and the weight: their arming."""
+    return linear.x_armed.any, linear.w_armed.any
 
 
 # the Linears of a decoder layer that share one input (a norm's output, the attention's, the MLP product)
@@ -181,7 +182,7 @@ def activation_bytes(training: AbstractTraining, config: TrainConfig, fsdp: int,
     live = layer_live_bytes_per_token(training, config, attention)
     saved = layer_saved_bytes_per_token(training, config, attention)
     head = m.vocab_size * (c + 4)
-    if training.lm_head is not None and training.lm_head.x_flip.enabled:
+    if training.lm_head is not None and training.lm_head.x_armed.any:
         head += m.hidden_size * (c + 1)
     per_token = layers * saved + max(2 * live, head)
     flipped_weights = sum(linear.in_features * linear.out_features

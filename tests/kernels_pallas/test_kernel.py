@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxflip.kernels_pallas import kernel
-from jaxflip.kernels_pallas.limits import SEED_LIMIT
+from jaxflip.kernels_pallas.limits import SEED_LIMIT, flip_setting
 from jaxflip.kernels_pallas.layout import shard_segments
 from jaxflip.kernels_pallas.philox import BITS_DTYPE, FRAC_MASK, SIGN_EXP_MASK, and_call_words, philox4x32, philox_rounds
 from jaxflip.kernels_pallas.random_bitflip import random_bitflip
@@ -92,9 +92,9 @@ def test_per_element_continuation_equals_the_jnp_path(dtype, shape, local_shape,
     region = tuple(slice(o, o + size) for o, size in zip(start, local_shape))
     base = int(np.ravel_multi_index(start, shape))
     x = global_x[region].reshape(-1)
-    got, keep = kernel.bitflip_pallas(x, jnp.array([seed_exp, seed_frac, base, 0], jnp.uint32),
-                                      segments=shard_segments(shape, local_shape), exp_halves=exp_halves,
-                                      frac_halves=frac_halves, threshold=threshold, interpret=True,
+    scalars = kernel.kernel_scalars(seed_exp, seed_frac, base, flip_setting(exp_halves, frac_halves, threshold))
+    got, keep = kernel.bitflip_pallas(x, scalars, segments=shard_segments(shape, local_shape),
+                                      zero_out=threshold is not None, interpret=True,
                                       launch=kernel.Launch(128, 1, "per_element"))  # 4 slots a lane
     got_bits = np.asarray(jax.lax.bitcast_convert_type(got, BITS_DTYPE[dtype]))
     np.testing.assert_array_equal(got_bits, want_bits[region].reshape(-1))
@@ -143,9 +143,9 @@ def test_compiled_kernel_is_bit_exact_to_mase_tritons_cuda_kernel(launch, dtype,
         seed_frac = seed_exp
     want = mase.bits_of(mase.mase_forward(mase.to_torch(x, dtype), exp_halves, frac_halves, seed_exp, seed_frac,
                                           threshold)).reshape(-1)
-    got, keep = kernel.bitflip_pallas(jnp.asarray(x).reshape(-1), jnp.array([seed_exp, seed_frac, 0, 0], jnp.uint32),
-                                      segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
-                                      threshold=threshold, interpret=False, launch=launch)
+    scalars = kernel.kernel_scalars(seed_exp, seed_frac, 0, flip_setting(exp_halves, frac_halves, threshold))
+    got, keep = kernel.bitflip_pallas(jnp.asarray(x).reshape(-1), scalars, segments=((x.size, 1),),
+                                      zero_out=threshold is not None, interpret=False, launch=launch)
     got = np.asarray(got).view(want.dtype)
     mismatches = np.flatnonzero(got != want)
     assert mismatches.size == 0, f"{mismatches.size} elements differ from mase-triton, first at {mismatches[:5]}"

@@ -39,7 +39,27 @@ def test_one_stream_for_equal_seeds_is_bit_identical_to_two(dtype, halves):
     assert (changed & SIGN_EXP_MASK[dtype]).any() and (changed & FRAC_MASK[dtype]).any()
 
 
-def test_one_stream_needs_both_groups_at_the_same_halves():
-    assert [g.mask for g in flip_groups(5, 5, "bfloat16", shared_seed=True)] == [0xFFFF]
-    with pytest.raises(ValueError, match="same halves"):
-        flip_groups(5, 6, "bfloat16", shared_seed=True)
+def test_one_stream_is_one_group_with_both_masks():
+    assert [(g.mask, g.seed) for g in flip_groups(5, 5, "bfloat16", shared_seed=True)] == [(0xFFFF, 0)]
+    assert [(g.mask, g.seed) for g in flip_groups(5, 6, "bfloat16")] == [(0xFF80, 0), (0x007F, 1)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_run_time_halves_give_the_bits_of_compile_time_halves(dtype):
+    """One program with the halves as data flips what a program per halves flips, and a group
+    at halves 0 flips nothing."""
+    rng = np.random.default_rng()
+    n = 1 << 16
+    x_bits = jax.lax.bitcast_convert_type(jnp.asarray(rng.standard_normal(n) * 3, dtype), BITS_DTYPE[dtype])
+    index = jnp.arange(n, dtype=jnp.uint32)
+    seeds = [jnp.uint32(int(s)) for s in rng.integers(0, 2**31 - 16, 2)]
+    run_time = jax.jit(lambda e, f: flip_bits(x_bits, index, *seeds, e, f, dtype, mulhilo))
+    for exp_halves, frac_halves in ((1, 3), (4, 13), (12, 19), (0, 6), (7, 0)):
+        static = flip_bits(x_bits, index, *seeds, exp_halves or None, frac_halves or None, dtype, mulhilo)
+        got = run_time(jnp.int32(exp_halves), jnp.int32(frac_halves))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(static), err_msg=f"{exp_halves}, {frac_halves}")
+        changed = np.asarray(got) ^ np.asarray(x_bits)
+        assert bool((changed & SIGN_EXP_MASK[dtype]).any()) == (exp_halves > 0)
+        if frac_halves < 19:  # at 19, ~1 flip is expected: it may be none
+            assert bool((changed & FRAC_MASK[dtype]).any()) == (frac_halves > 0)
+    assert run_time._cache_size() == 1

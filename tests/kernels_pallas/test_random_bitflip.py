@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import jaxflip
+from jaxflip.kernels_pallas.limits import flip_setting
 import mase_reference as mase
 
 if mase.available():
@@ -128,15 +129,15 @@ def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
 def test_large_and_warp_sized_blocks_equal_jnp(launch):
     """The kernel at 32 slots a lane (the GPU's default) and at 32 elements / 1 warp, against
     the jnp path, on bf16 with zero-out and float32 (23 fraction bits) without."""
-    from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas
+    from jaxflip.kernels_pallas.kernel import Launch, bitflip_pallas, kernel_scalars
 
     interpret = jax.default_backend() != "gpu"
     for dtype, exp_halves, frac_halves, threshold in (("bfloat16", 24, 12, 2.0), ("float32", 16, 24, None)):
         x = jnp.asarray(random_input((4111,), dtype, seed=33, specials=True))
         want, *_ = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
-        scalars = jnp.array([8, 9, 0, 0], jnp.uint32)
-        got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), exp_halves=exp_halves, frac_halves=frac_halves,
-                                threshold=threshold, interpret=interpret, launch=Launch(*launch))
+        scalars = kernel_scalars(8, 9, 0, flip_setting(exp_halves, frac_halves, threshold))
+        got, _ = bitflip_pallas(x, scalars, segments=((x.size, 1),), zero_out=threshold is not None,
+                                interpret=interpret, launch=Launch(*launch))
         np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
 
 
@@ -333,9 +334,9 @@ def test_an_eager_call_runs_compiled_within_2x_of_the_jitted_call():
     assert best_time(lambda x: flip(x)[0]) < 2 * best_time(jitted) + 0.01
 
 
-def test_eager_calls_of_one_configuration_trace_and_compile_the_flip_once(monkeypatch):
-    """New values and seeds (Python ints or JAX scalars) of the same configuration, shape and
-    dtype reuse the compiled flip: no trace after the first call."""
+def test_eager_calls_of_any_halves_threshold_and_seeds_trace_and_compile_the_flip_once(monkeypatch):
+    """New halves, thresholds and seeds (Python ints or JAX scalars) of the same shape and dtype
+    reuse the compiled flip: the settings are run-time data, no trace after the first call."""
     import importlib
 
     module = importlib.import_module("jaxflip.kernels_pallas.random_bitflip")
@@ -343,20 +344,25 @@ def test_eager_calls_of_one_configuration_trace_and_compile_the_flip_once(monkey
     flip_forward = module._flip_forward
 
     def counting_flip_forward(*args, **kwargs):
-        traces.append(args[2])
+        traces.append(args[3])
         return flip_forward(*args, **kwargs)
 
     monkeypatch.setattr(module, "_flip_forward", counting_flip_forward)
     rng = np.random.default_rng()
-    threshold = float(rng.uniform(2, 40))  # a configuration no other test compiled
-    seeds = rng.integers(0, 2**30, size=(3, 2))
-    results = [jaxflip.random_bitflip(jnp.asarray(random_input(SHAPE, "float32", int(seed_exp))), 4, 7, seed_exp,
-                                      seed_frac, threshold)[0]
-               for seed_exp, seed_frac in ((int(seeds[0, 0]), int(seeds[0, 1])),
-                                           (int(seeds[1, 0]), int(seeds[1, 1])),
-                                           (jnp.int32(seeds[2, 0]), jnp.uint32(seeds[2, 1])))]
-    assert len(traces) == 1 and traces[0].threshold == threshold
-    assert not np.array_equal(bits(results[0]), bits(results[1]))  # the calls did run on their own inputs
+    shape = (3, int(rng.integers(40, 4000)), 5)  # a shape no other test compiled
+    seeds = rng.integers(0, 2**30, size=(4, 2))
+    calls = [((4, 7, float(rng.uniform(2, 40))), (int(seeds[0, 0]), int(seeds[0, 1]))),
+             ((1, None, 3.0), (int(seeds[1, 0]), int(seeds[1, 1]))),
+             ((None, 24, 1e9), (jnp.int32(seeds[2, 0]), jnp.uint32(seeds[2, 1]))),
+             ((16, 13, 0.5), (int(seeds[3, 0]), int(seeds[3, 0])))]
+    x = jnp.asarray(random_input(shape, "float32", int(seeds[0, 0])))
+    results = [jaxflip.random_bitflip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold)[0]
+               for (exp_halves, frac_halves, threshold), (seed_exp, seed_frac) in calls]
+    assert len(traces) == 1 and traces[0].zero_out
+    for (settings, seeds_of_call), got in zip(calls, results):  # each call flipped as its own settings say
+        want, *_ = jaxflip.random_bitflip(x, *settings[:2], *seeds_of_call, settings[2], backend="interpret")
+        np.testing.assert_array_equal(bits(got), bits(want), err_msg=str(settings))
+    assert not np.array_equal(bits(results[0]), bits(results[1]))
 
 
 def test_an_eager_call_takes_within_2x_the_memory_of_the_jitted_call():
