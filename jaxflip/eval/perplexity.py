@@ -72,7 +72,7 @@ def perplexity(model, windows: np.ndarray, batch_size: int, condition: str, *, p
     with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq",
                                     disable=not progress_bar) as progress:
         for batch, real_rows in padded_batches(windows, batch_size):
-            total += float(_summed_cross_entropy(model, jnp.asarray(batch), np.int32(real_rows)))
+            total += float(_summed_cross_entropy(model, jax.device_put(batch), np.int32(real_rows)))
             progress.update(real_rows)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens

@@ -162,7 +162,7 @@ def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int
                 wrapper.real_rows.set_value(np.int32(real_rows))
             place_state(model)  # the forward compiles once: its counters and row counts always on the device
             with mesh_context(mesh):
-                _forward(model, jnp.asarray(batch[:, :-1]))
+                _forward(model, jax.device_put(batch[:, :-1]))
             for name, wrapper in wrappers.items():
                 stats["x"][name].add(wrapper.histogram[...], wrapper.maximum[...])
                 wrapper.histogram.set_value(np.zeros(BINS, np.int32))
