@@ -159,8 +159,9 @@ def place_state(model: nnx.Module) -> None:
     programs on whether each argument is committed, on its sharding and on its weak type,
     so a forward that first sees host values and then the device values its previous call
     wrote back would compile twice. Values already committed are left where they are (a
-    sharded model's weights). About 2 ms on the tests' tiny two-layer Llama on CPU with every
-    seed set from the host, 0.3 ms when nothing needs placing."""
+    sharded model's weights). On the tests' tiny two-layer Llama (2-core CPU): 5 ms with all 60
+    seeds of its 15 flipped Linears set from the host, 1.7 ms (the walk over the model) when
+    nothing needs placing."""
     loose = [node for _, node in nnx.iter_graph(model)
              if isinstance(node, nnx.Variable) and not _is_placed(node.get_value())]
     if not loose:
