@@ -61,8 +61,8 @@ def test_a_run_with_validation_records_a_finite_loss_at_each_interval_and_at_the
 
 
 def test_two_validation_rounds_compile_the_eval_step_once(tiny_job):
-    """The eval step sees the initial state, then the states training steps return: one
-    program for both."""
+    """Each round sees the state a training step returned (committed, with the step's
+    declared shardings): one program for both."""
     from jaxflip.compile_count import CompileCount
     from jaxflip.train.loop import run
 
