@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
@@ -64,7 +63,7 @@ def run(args) -> dict:
     prompt_ids = tokenizer(args.prompt)["input_ids"]
     stream = TextStream(tokenizer)
     sys.stdout.write(args.prompt)
-    tokens = generate(model, jnp.asarray([prompt_ids], jnp.int32), args.max_new_tokens, do_sample=args.do_sample,
+    tokens = generate(model, np.asarray([prompt_ids], np.int32), args.max_new_tokens, do_sample=args.do_sample,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       eos_token_id=tokenizer.eos_token_id, on_tokens=stream)
     generated = [int(t) for t in np.asarray(tokens[0, len(prompt_ids):])]

@@ -5,6 +5,14 @@ Tokenization, truncation, rolling windows, request order, batch composition and 
 padding all follow HFLM (lm-eval 0.4), through lm-eval's own helpers: the same checkpoint
 gives the same numbers through both, and under bitflip the same flips too, since flips are
 keyed on the position of each element in the batch tensor and on the call count.
+
+One difference, so that a task compiles a few programs rather than one per request length:
+scoring batches are right-padded to ``bucket_length`` of their longest row (a power of two
+from 16, capped at ``max_length``: at most 8 programs for ``max_length`` 2048, one for
+rolling windows at ``max_length``) and a short last batch gets padding rows. Padding changes
+no score; under bitflip with ``batch_size > 1`` it moves the flips of the rows after the first
+unless the longest row fills its bucket (as full rolling windows do), so the flips equal
+HFLM's for batch size 1 and for full-length rows.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from jaxflip.models import LlamaForCausalLM, generate
-from jaxflip.models.sharding import mesh_context, model_mesh
+from jaxflip.models.decoding import bucket_length
+from jaxflip.models.sharding import mesh_context, model_mesh, place_state
 
 # ``Collator.get_cache`` hands each request of a shared-context group the batch row's logits;
 # here the scores are looked up per row, so a placeholder stands in for the logits
@@ -80,12 +89,15 @@ class JaxLM(TemplateLM):
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
         for chunk in ordered.get_batched(n=self.batch_size):
             inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in chunk]
-            padded = np.zeros((len(inputs), max(len(row) for row in inputs)), np.int32)
+            width = bucket_length(max(len(row) for row in inputs), self.max_length)
+            padded = np.zeros((self.batch_size, width), np.int32)  # padding rows: last position 0
             for row, tokens in zip(padded, inputs):
                 row[:len(tokens)] = tokens
-            lengths = np.asarray([len(tokens) for tokens in inputs])
+            lengths = np.ones(self.batch_size, np.int32)
+            lengths[:len(inputs)] = [len(tokens) for tokens in inputs]
+            place_state(self.model)
             with mesh_context(self.mesh):
-                scores = _score(self.model, jnp.asarray(padded), jnp.asarray(lengths - 1, jnp.int32))
+                scores = _score(self.model, jax.device_put(padded), jax.device_put(lengths - 1))
             next_log_probs, greedy, last_rows = (np.asarray(a) for a in scores)
             for row, (strings, context, continuation) in enumerate(chunk):
                 for _, tokens, _ in ordered.get_cache(req_str=strings, cxt_toks=context, cont_toks=continuation,
@@ -143,7 +155,7 @@ class JaxLM(TemplateLM):
                 return any(stop and stop in text for stop in until)
 
             do_sample = bool(options.get("do_sample")) and options.get("temperature", 0.0) > 0
-            generate(self.model, jnp.asarray([context_tokens], jnp.int32), max_gen_toks, do_sample=do_sample,
+            generate(self.model, np.asarray([context_tokens], np.int32), max_gen_toks, do_sample=do_sample,
                      temperature=options.get("temperature", 1.0) if do_sample else 1.0, top_k=options.get("top_k"),
                      top_p=options.get("top_p", 1.0), seed=len(results), on_tokens=reached_stop)
             text = postprocess_generated_text(self.tokenizer.decode(generated, skip_special_tokens=True), until, None)

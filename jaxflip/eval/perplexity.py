@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jaxflip.data import BUILTIN_NAME, evaluation_windows
 from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
 from jaxflip.eval.report import format_table
-from jaxflip.models.sharding import on_model_mesh
+from jaxflip.models.sharding import on_model_mesh, place_state
 
 DEFAULT_SEQ_LEN = 2048
 MAX_EXPONENT = math.log(sys.float_info.max)
@@ -37,23 +37,43 @@ class PerplexityRow:
 
 
 @nnx.jit
-def _summed_cross_entropy(model, windows: jax.Array) -> jax.Array:
+def _summed_cross_entropy(model, windows: jax.Array, real_rows: jax.Array) -> jax.Array:
+    """The summed cross-entropy of the first ``real_rows`` windows of the batch (the rest pad
+    the last batch to the batch size)."""
     logits = model(windows[:, :-1]).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.take_along_axis(log_probs, windows[:, 1:, None], axis=-1))
+    row_losses = -jnp.sum(jnp.take_along_axis(log_probs, windows[:, 1:, None], axis=-1), axis=(1, 2))
+    # where, not a product: a padding row's loss may be inf or NaN under flips
+    return jnp.sum(jnp.where(jnp.arange(windows.shape[0]) < real_rows, row_losses, 0.0))
+
+
+def padded_batches(windows: np.ndarray, batch_size: int):
+    """``(batch, real_rows)`` per ``batch_size`` windows, the last batch padded with rows of
+    token 0 to the full size: one shape, one compiled forward. Flips are keyed on each
+    element's row-major index in the batch, so rows appended after the real ones leave the
+    real rows' flips, and their losses, as they were."""
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        real_rows = len(batch)
+        if real_rows < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - real_rows, *batch.shape[1:]), batch.dtype)])
+        yield batch, real_rows
 
 
 def perplexity(model, windows: np.ndarray, batch_size: int, condition: str, *, progress_bar: bool = True
                ) -> PerplexityRow:
     """Mean cross-entropy over every predicted token of ``windows``, ``batch_size`` windows
     per forward (flips are keyed on the batch's layout, so the batch size is part of a
-    bitflip result). ``progress_bar``: a bar per batch (a sweep shows one per evaluation instead)."""
+    bitflip result). ``progress_bar``: a bar per batch (a sweep shows one per evaluation instead).
+    The forward compiles once per model, batch size and sequence length (``place_state``,
+    ``padded_batches``)."""
     total = 0.0
+    place_state(model)
     with on_model_mesh(model), tqdm(total=len(windows), desc=f"ppl {condition}", unit="seq",
                                     disable=not progress_bar) as progress:
-        for start in range(0, len(windows), batch_size):
-            total += float(_summed_cross_entropy(model, jnp.asarray(windows[start:start + batch_size])))
-            progress.update(len(windows[start:start + batch_size]))
+        for batch, real_rows in padded_batches(windows, batch_size):
+            total += float(_summed_cross_entropy(model, jax.device_put(batch), np.int32(real_rows)))
+            progress.update(real_rows)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     loss = total / tokens
     # a loss past log(float max) (heavy exponent flips without zero-out) is an infinite perplexity, not an error

@@ -21,9 +21,9 @@ from flax import nnx
 
 from jaxflip.bitflip import LM_HEAD, BitFlipLinear, named_linears, replace_module
 from jaxflip.eval.model_io import BitflipSetup, open_model, open_tokenizer, resolve_bitflip
-from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, open_windows
+from jaxflip.eval.perplexity import add_window_arguments, check_window_arguments, open_windows, padded_batches
 from jaxflip.eval.report import format_table
-from jaxflip.models.sharding import mesh_context, model_mesh
+from jaxflip.models.sharding import mesh_context, model_mesh, place_state
 
 BINS = 1 << 15  # |value| as bfloat16 bits: sign dropped
 PERCENTILES = {"p50": 50.0, "p99": 99.0, "p99.9": 99.9, "p99.99": 99.99}
@@ -34,11 +34,23 @@ class AbsStats(nnx.Variable):
     """Histogram (int32 per forward; the host sums them in int64) and max of |values|."""
 
 
+class RealRows(nnx.Variable):
+    """An int32 scalar: how many leading rows of the current batch are real (the rest pad the
+    last batch to the batch size, see ``jaxflip.eval.perplexity.padded_batches``)."""
+
+
 @jax.jit
-def abs_histogram(values: jax.Array) -> tuple[jax.Array, jax.Array]:
-    magnitudes = jnp.abs(values.astype(jnp.float32)).reshape(-1)
+def abs_histogram(values: jax.Array, real_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Histogram and max of |values|, counting only the first ``real_rows`` rows (default: all)."""
+    magnitudes = jnp.abs(values.astype(jnp.float32))
+    weights = None
+    if real_rows is not None:  # a padding row weighs 0 in the histogram and counts as 0 for the max
+        rows = jnp.arange(values.shape[0]).reshape((-1,) + (1,) * (values.ndim - 1)) < real_rows
+        magnitudes = jnp.where(rows, magnitudes, 0.0)
+        weights = jnp.broadcast_to(rows, values.shape).reshape(-1).astype(jnp.int32)
+    magnitudes = magnitudes.reshape(-1)
     bins = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(magnitudes, jnp.uint32), jnp.uint32(16))
-    return jnp.bincount(bins.astype(jnp.int32), length=BINS).astype(jnp.int32), jnp.max(magnitudes)
+    return jnp.bincount(bins.astype(jnp.int32), weights, length=BINS).astype(jnp.int32), jnp.max(magnitudes)
 
 
 def bin_values() -> np.ndarray:
@@ -66,6 +78,7 @@ class ProfiledLinear(nnx.Module):
         self.linear = linear
         self.histogram = AbsStats(jnp.zeros(BINS, jnp.int32))
         self.maximum = AbsStats(jnp.zeros((), jnp.float32))
+        self.real_rows = RealRows(np.int32(0))  # set before each forward
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.project(self.flip_input(x))
@@ -80,7 +93,7 @@ class ProfiledLinear(nnx.Module):
         return self.linear.x_seeds_shared
 
     def flip_input(self, x: jax.Array) -> jax.Array:
-        histogram, maximum = abs_histogram(x)
+        histogram, maximum = abs_histogram(x, self.real_rows[...])
         self.histogram[...] += histogram
         self.maximum[...] = jnp.maximum(self.maximum[...], maximum)
         return self.linear.flip_input(x)
@@ -144,12 +157,15 @@ def profile_model(model, windows: np.ndarray, layers: list[str], batch_size: int
         replace_module(model, name, wrapper)
     mesh = model_mesh(model)
     try:
-        for start in range(0, len(windows), batch_size):
+        for batch, real_rows in padded_batches(windows, batch_size):
+            for wrapper in wrappers.values():
+                wrapper.real_rows.set_value(np.int32(real_rows))
+            place_state(model)  # the forward compiles once: its counters and row counts always on the device
             with mesh_context(mesh):
-                _forward(model, jnp.asarray(windows[start:start + batch_size, :-1]))
+                _forward(model, jax.device_put(batch[:, :-1]))
             for name, wrapper in wrappers.items():
                 stats["x"][name].add(wrapper.histogram[...], wrapper.maximum[...])
-                wrapper.histogram[...] = jnp.zeros_like(wrapper.histogram[...])
+                wrapper.histogram.set_value(np.zeros(BINS, np.int32))
     finally:
         for name in layers:
             replace_module(model, name, linears[name])

@@ -93,3 +93,15 @@ def test_unknown_task_gives_a_one_line_error(checkpoint, capsys):
     assert main(["lm-eval", "--checkpoint", path, "--tasks", "no_such_task_here"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "unknown lm-eval task(s) no_such_task_here" in error
+
+
+def test_requests_of_many_lengths_compile_one_program_per_length_bucket():
+    from jaxflip.compile_count import CompileCount
+
+    hf_model, model = tiny_text_model(np.random.default_rng())
+    tokenizer = load_tokenizer("builtin")
+    ours = JaxLM(model, tokenizer, batch_size=2, max_length=32)
+    batch = requests(tokenizer, hf_model)  # 7 requests of different lengths within the bucket of 16, the last batch short
+    with CompileCount() as compiles:
+        ours.loglikelihood(batch, disable_tqdm=True)
+    assert compiles.of("_score") == 1, compiles

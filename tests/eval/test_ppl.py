@@ -173,3 +173,48 @@ def test_sequence_length_defaults_to_the_models_positions_and_a_longer_one_is_sa
     assert json.loads(output.read_text())["seq_len"] == (seq_len or positions)
     note = f"note: --seq-len {seq_len} is longer than the model's max_position_embeddings {positions}"
     assert (note in capsys.readouterr().err) == (seq_len is not None)
+
+
+FLIPS = {r"model\.layers\.1\.mlp\.down_proj": dict(x_p_exp=0.5**6, x_zero_out_t=50.0, w_p_exp=0.5**6, w_p_frac=0.5**4,
+                                                   w_zero_out_t=1.0, x_seed_exp=2, w_seed_frac=9)}
+
+
+def flipped_model(checkpoint):
+    from jaxflip.bitflip import apply_bitflip_rules
+    from jaxflip.eval.model_io import open_model
+
+    model, _ = open_model(checkpoint[0])
+    apply_bitflip_rules(model, FLIPS)
+    return model
+
+
+def test_the_flipped_forward_compiles_once_over_batches_and_a_partial_last_batch(checkpoint):
+    from jaxflip.compile_count import CompileCount
+    from jaxflip.eval.perplexity import perplexity
+
+    model = flipped_model(checkpoint)
+    tokens = windows()[:3]  # batches of 2: a full one, then one real row and one padding row
+    with CompileCount() as compiles:
+        perplexity(model, tokens, 2, "bitflip", progress_bar=False)
+        perplexity(model, tokens, 2, "bitflip", progress_bar=False)  # the seeds now on the device
+    assert compiles.of("_summed_cross_entropy") == 1, compiles
+
+
+def test_padding_the_last_batch_leaves_the_flipped_loss_as_it_was(checkpoint):
+    """The padded last batch against the same batch unpadded, from the same seeds."""
+    from flax import nnx
+
+    from jaxflip.bitflip.seeds import seed_snapshot
+    from jaxflip.eval.model_io import open_model
+    from jaxflip.eval.perplexity import _summed_cross_entropy, perplexity
+
+    model = flipped_model(checkpoint)
+    tokens = windows()[:3]
+    start = seed_snapshot(model)
+    padded = perplexity(model, tokens, 2, "bitflip", progress_bar=False)
+    nnx.update(model, start)
+    unpadded = sum(float(_summed_cross_entropy(model, tokens[i:i + 2], np.int32(len(tokens[i:i + 2]))))
+                   for i in (0, 2)) / padded.tokens
+    clean = perplexity(open_model(checkpoint[0])[0], tokens, 2, "clean", progress_bar=False)
+    assert padded.loss == pytest.approx(unpadded, rel=1e-6)
+    assert abs(padded.loss - clean.loss) > 1e-4, "the flips should show"

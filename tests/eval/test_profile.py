@@ -86,3 +86,22 @@ def test_profile_rows_equal_numpy_on_the_captured_tensors(tmp_path):
         threshold, maximum = result["suggested_zero_out_t"][key], result["overall"][kind]["max"]
         assert threshold >= 2 * maximum and np.log2(threshold).is_integer()
     assert Path(result["histogram_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_forward_compiles_once_and_padding_rows_count_nowhere(checkpoint):
+    """Three windows in batches of 2 (the last padded) give the histograms of batches of 1."""
+    from jaxflip.compile_count import CompileCount
+    from jaxflip.eval.model_io import open_model
+    from jaxflip.eval.profile import profile_model
+
+    model, _ = open_model(checkpoint[0])
+    tokens = evaluation_windows(load_tokenizer("builtin"), dataset="builtin:moby-dick", split="validation",
+                                subset=None, text_field="text", seq_len=SEQ_LEN, num_sequences=3)
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    with CompileCount() as compiles:
+        padded = profile_model(model, tokens, layers, 2)
+    assert compiles.of("_forward") == 1, compiles
+    one_by_one = profile_model(model, tokens, layers, 1)
+    for name in layers:
+        assert np.array_equal(padded["x"][name].histogram, one_by_one["x"][name].histogram), name
+        assert padded["x"][name].maximum == one_by_one["x"][name].maximum, name

@@ -23,3 +23,17 @@ def test_greedy_generation_picks_hf_argmax_at_every_step():
     steps = logits[:, 5:]  # the logits that chose tokens 6..13
     chosen = np.take_along_axis(steps, ours[:, 6:, None], axis=-1)[..., 0]
     np.testing.assert_array_less(steps.max(axis=-1) - chosen, 1e-4)
+
+
+def test_prompts_of_one_bucket_compile_the_prefill_and_the_step_once():
+    from jaxflip.bitflip import apply_bitflip_rules
+    from jaxflip.compile_count import CompileCount
+
+    rng = np.random.default_rng()
+    hf_model = random_hf_model(tiny_hf_config(), rng)
+    model = flax_twin(hf_model)
+    apply_bitflip_rules(model, {r"model\.layers\.1\.mlp\.down_proj": dict(x_p_exp=0.5**8, w_p_exp=0.5**8)})
+    with CompileCount() as compiles:
+        for length in (3, 7, 5, 11):  # all in the bucket of 16
+            generate(model, random_tokens(rng, hf_model.config, (1, length)), max_new_tokens=4)
+    assert compiles.of("_forward_cached") == 2, compiles

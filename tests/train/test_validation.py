@@ -58,3 +58,16 @@ def test_a_run_with_validation_records_a_finite_loss_at_each_interval_and_at_the
     assert [record["step"] for record in validation] == sorted({*range(2, steps + 1, 2), steps})
     assert all(np.isfinite(record["val_loss"]) and record["val_loss"] > 0 for record in validation)
     assert summary["finished"]
+
+
+def test_two_validation_rounds_compile_the_eval_step_once(tiny_job):
+    """Each round sees the state a training step returned (committed, with the step's
+    declared shardings): one program for both."""
+    from jaxflip.compile_count import CompileCount
+    from jaxflip.train.loop import run
+
+    config = tiny_job(training={"steps": 4, "save_freq": 100}, validation={"eval_interval": 2, "eval_steps": 1},
+                      checkpoint={"enable": False, "export_model": False})
+    with CompileCount() as compiles:
+        run(config)
+    assert compiles.of("evaluate") == 1, compiles
