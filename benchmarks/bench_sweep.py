@@ -32,7 +32,8 @@ import numpy as np
 
 from jaxflip.bitflip import BitflipConfig, apply_rule_table, named_linears
 from jaxflip.eval.perplexity import _summed_cross_entropy
-from jaxflip.eval.sweep import PointStore, grid_points, parse_grid, run_points
+from jaxflip.eval.sweep.points import grid_points, parse_grid
+from jaxflip.eval.sweep.runner import PointStore, run_points
 from jaxflip.models import get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh, on_model_mesh
