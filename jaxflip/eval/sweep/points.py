@@ -1,4 +1,5 @@
-"""The sweep's points: ``--grid`` parsed, the grid and per-layer points, the clean point."""
+"""The sweep's points: ``--grid`` parsed, the grid and per-layer points, the clean point, the
+seeds a point may run, and ``--shard``'s split of the points."""
 
 from __future__ import annotations
 
@@ -165,3 +166,47 @@ def per_layer_points(base: BitflipConfig, table: RuleTable, target: str, groups:
 
 def clean_point(base: BitflipConfig) -> SweepPoint:
     return SweepPoint(CLEAN, CLEAN, None, dataclasses.replace(base, enable=False))
+
+
+def point_seeds(point: SweepPoint, seeds: Sequence[int]) -> list[int]:
+    """The seeds a point may run, in order: all, or the first one for the clean model (no flips to seed)."""
+    return list(seeds[:1]) if point.component == CLEAN else list(seeds)
+
+
+def held_seeds(record: Mapping, seeds: Sequence[int]) -> list[int]:
+    """The leading ``seeds`` that a point's record holds results for: the seeds it uses (a
+    ``--ci-width`` run adds them in order)."""
+    held = []
+    for seed in seeds:
+        if str(seed) not in record["seeds"]:
+            break
+        held.append(seed)
+    return held
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard K/N``: this process computes the K-th of N shares of the points (1 <= K <= N)."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def points(self, points: Sequence[SweepPoint]) -> list[SweepPoint]:
+        """This shard's share of the flipped ``points``: the i-th (from 0) goes to shard
+        i % N + 1, so every point is in exactly one shard and neighbours on a curve (of similar
+        cost) spread over the shards. It depends only on the point list, which every process of
+        one command builds alike."""
+        return [point for position, point in enumerate(points) if position % self.count == self.index - 1]
+
+
+def parse_shard(text: str) -> Shard:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if match is None:
+        raise ValueError(f"--shard {text!r}: expected K/N, e.g. 2/8 for the second of 8 shares of the points")
+    index, count = int(match.group(1)), int(match.group(2))
+    if not 1 <= index <= count:
+        raise ValueError(f"--shard {text}: K must be in 1..N, got {index} of {count}")
+    return Shard(index, count)

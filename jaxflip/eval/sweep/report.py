@@ -13,12 +13,11 @@ import numpy as np
 
 from jaxflip.bitflip.rules import PROBABILITY_KEYS, THRESHOLD_KEYS
 from jaxflip.eval.report import write_atomically, write_json
-from jaxflip.eval.sweep.points import CLEAN, SweepPoint
-from jaxflip.eval.sweep.runner import point_seeds
+from jaxflip.eval.sweep.points import CLEAN, SweepPoint, held_seeds, point_seeds
 
 CONFIDENCE = 0.95
 CSV_COLUMNS = ("name", "component", "value", "seeds", "nonfinite_seeds", "loss_mean", "loss_ci95",
-               "perplexity_mean", "perplexity_ci95", "perplexity_ratio")
+               "perplexity_mean", "perplexity_ci95", "perplexity_ratio", "perplexity_ratio_ci95", "stopped_by")
 
 
 def mean_and_interval(values: Sequence[float]) -> tuple[float, float | None]:
@@ -32,27 +31,58 @@ def mean_and_interval(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, float(stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
-def summarize(points: Sequence[SweepPoint], records: Mapping[str, dict], seeds: Sequence[int]) -> list[dict]:
-    """One row per point: its seeds' results and their mean and interval; the perplexity ratio
-    is to the clean point's."""
+def clean_perplexity(points: Sequence[SweepPoint], records: Mapping[str, dict]) -> float | None:
+    """The clean point's perplexity (deterministic: one seed), or None while it has none."""
     clean = next((records[p.name] for p in points if p.component == CLEAN), None)
-    clean_perplexity = next(iter(clean["seeds"].values()))["perplexity"] if clean is not None else None
+    return next(iter(clean["seeds"].values()))["perplexity"] if clean is not None and clean["seeds"] else None
+
+
+def ratio_interval_width(perplexities: Sequence[float], clean: float) -> float:
+    """The full width of the 95% interval of the perplexity ratio to ``clean`` (twice the
+    table's ``perplexity_ratio_ci95``): the clean perplexity has no interval of its own, so it is
+    the perplexities' interval over ``clean``. Needs two perplexities or more."""
+    return 2 * mean_and_interval(perplexities)[1] / clean
+
+
+def summarize(points: Sequence[SweepPoint], records: Mapping[str, dict], seeds: Sequence[int],
+              ci_width: float | None = None) -> list[dict]:
+    """One row per point: the results of the seeds it used (``held_seeds``), their mean and
+    interval, the perplexity ratio to the clean point's and its interval, and why the point
+    stopped (``stopped_by``): ``seeds`` (it ran every seed), ``ci-width`` (its ratio's interval
+    got narrower than ``ci_width``), ``nonfinite`` (a seed's perplexity was not finite: with
+    ``ci_width``, no interval, no more seeds) or ``clean``."""
+    clean = clean_perplexity(points, records)
     rows = []
     for point in points:
         record = records[point.name]
-        per_seed = [{"seed": seed, **record["seeds"][str(seed)]} for seed in point_seeds(point, seeds)]
+        per_seed = [{"seed": seed, **record["seeds"][str(seed)]} for seed in held_seeds(record, point_seeds(point, seeds))]
         loss_mean, loss_ci = mean_and_interval([r["loss"] for r in per_seed])
         perplexity_mean, perplexity_ci = mean_and_interval([r["perplexity"] for r in per_seed])
+        nonfinite_seeds = sum(not math.isfinite(r["loss"]) for r in per_seed)
+        ratio_ci = None if clean is None or perplexity_ci is None else perplexity_ci / clean
+        if point.component == CLEAN:
+            stopped_by = "clean"
+        elif ci_width is not None and nonfinite_seeds:
+            stopped_by = "nonfinite"
+        elif ci_width is not None and ratio_ci is not None and 2 * ratio_ci < ci_width:
+            stopped_by = "ci-width"
+        else:
+            stopped_by = "seeds"
         row = {"name": point.name, "component": point.component, "value": point.value, "seeds": len(per_seed),
-               "nonfinite_seeds": sum(not math.isfinite(r["loss"]) for r in per_seed),
-               "loss_mean": loss_mean, "loss_ci95": loss_ci, "perplexity_mean": perplexity_mean,
-               "perplexity_ci95": perplexity_ci,
-               "perplexity_ratio": None if clean_perplexity is None else perplexity_mean / clean_perplexity,
-               "per_seed": per_seed}
+               "nonfinite_seeds": nonfinite_seeds, "loss_mean": loss_mean, "loss_ci95": loss_ci,
+               "perplexity_mean": perplexity_mean, "perplexity_ci95": perplexity_ci,
+               "perplexity_ratio": None if clean is None else perplexity_mean / clean,
+               "perplexity_ratio_ci95": ratio_ci, "stopped_by": stopped_by, "per_seed": per_seed}
         if "samples" in record:
             row["samples"] = dict(zip(record["samples"]["settings"]["prompts"], record["samples"]["texts"]))
         rows.append(row)
     return rows
+
+
+def seed_counts(rows: Sequence[dict]) -> str:
+    """The seeds per point of ``rows`` for a title: ``4``, or ``2-8`` where ``--ci-width`` stopped some early."""
+    counts = sorted({row["seeds"] for row in rows})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def table_csv(rows: Sequence[dict]) -> str:
@@ -101,7 +131,7 @@ def plot(rows: Sequence[dict], per_layer: bool) -> bytes:
                 axis.set_xscale("log")
             axis.set(yscale="log",
                      xlabel="flip probability" if probability else panel[0], ylabel="perplexity",
-                     title=f"perplexity, mean and {CONFIDENCE:.0%} CI over {flipped[0]['seeds']} seeds")
+                     title=f"perplexity, mean and {CONFIDENCE:.0%} CI over {seed_counts(flipped)} seeds")
             axis.legend()
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -125,7 +155,7 @@ def _heatmap(plt, rows: Sequence[dict]):
     axis.set_xticks(range(len(groups)), groups)
     axis.set_yticks(range(len(targets)), targets)
     figure.colorbar(image, label="perplexity / clean")
-    axis.set_title(f"sensitivity: mean of {rows[0]['seeds']} seeds" if rows else "sensitivity")
+    axis.set_title(f"sensitivity: mean of {seed_counts(rows)} seeds" if rows else "sensitivity")
     return figure
 
 
