@@ -10,7 +10,7 @@ device as the eval commands shard a checkpoint; the tokens are random. The base 
 reference recipe's (0.5^16 on both groups of every Linear's x and W but the LM head, zero-out
 30 / 1.25) and the points vary ``x_p_frac`` from 0.5^6 by halves. Three timings:
 
-* ``compile``: a first sweep with one seed (each point compiles its flips once), not counted;
+* ``compile``: a first sweep with one seed (it pays the compile of every distinct program), not counted;
 * ``sweep``: ``run_points`` over all points and seeds into a fresh folder: setting each point's
   flips and each seed's seeds, the forwards, one point file written per point;
 * ``forwards``: the compiled evaluation of one point called points x seeds times, each call
