@@ -10,7 +10,7 @@ device as the eval commands shard a checkpoint; the tokens are random. The base 
 reference recipe's (0.5^16 on both groups of every Linear's x and W but the LM head, zero-out
 30 / 1.25) and the points vary ``x_p_frac`` from 0.5^6 by halves. Three timings:
 
-* ``compile``: a first sweep with one seed (each point compiles its flips once), not counted;
+* ``compile``: a first sweep with one seed (it pays the compile of every distinct program), not counted;
 * ``sweep``: ``run_points`` over all points and seeds into a fresh folder: setting each point's
   flips and each seed's seeds, the forwards, one point file written per point;
 * ``forwards``: the compiled evaluation of one point called points x seeds times, each call
@@ -32,7 +32,8 @@ import numpy as np
 
 from jaxflip.bitflip import BitflipConfig, apply_rule_table, named_linears
 from jaxflip.eval.perplexity import _summed_cross_entropy
-from jaxflip.eval.sweep import PointStore, grid_points, parse_grid, run_points
+from jaxflip.eval.sweep.points import grid_points, parse_grid
+from jaxflip.eval.sweep.runner import PointStore, run_points
 from jaxflip.models import get_flavor
 from jaxflip.models.create import create_random_llama
 from jaxflip.models.sharding import make_mesh, on_model_mesh

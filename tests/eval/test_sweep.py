@@ -13,8 +13,9 @@ from jax._src.dispatch import JAXPR_TRACE_EVENT
 from tiny_models import save_checkpoint, tiny_text_model
 
 from jaxflip.bitflip import BitflipConfig, find_nearest_prob_n_halves
-from jaxflip.eval import sweep
 from jaxflip.eval.__main__ import main
+from jaxflip.eval.sweep import points as sweep_points
+from jaxflip.eval.sweep import runner
 
 SEQ_LEN, SEQUENCES, BATCH = 32, 4, 2
 BASE_SEED = 7
@@ -105,8 +106,8 @@ def test_a_points_later_seeds_reuse_its_first_seeds_trace(swept, tmp_path, monke
         per_call.append((condition, len(traces) - before))
         return row
 
-    perplexity = sweep.perplexity
-    monkeypatch.setattr(sweep, "perplexity", counted)
+    perplexity = runner.perplexity
+    monkeypatch.setattr(runner, "perplexity", counted)
     monitoring.register_event_duration_secs_listener(count)
     try:
         run_sweep(path, base, tmp_path / "out", "--grid", "x_p_exp=0.5^8,0.5^9", "--seeds", "3")
@@ -127,8 +128,8 @@ def test_an_interrupted_sweep_resumes_without_recomputing_finished_points(swept,
         calls.append(condition)
         return perplexity(model, windows, batch_size, condition, **kwargs)
 
-    perplexity = sweep.perplexity
-    monkeypatch.setattr(sweep, "perplexity", interrupted)
+    perplexity = runner.perplexity
+    monkeypatch.setattr(runner, "perplexity", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", "2")
     points = tmp_path / "out" / "points"
@@ -136,7 +137,7 @@ def test_an_interrupted_sweep_resumes_without_recomputing_finished_points(swept,
     assert sorted(finished) == ["clean.json", "x_p_exp=0.5^4.json", "x_p_exp=0.5^5.json"]
 
     calls.clear()
-    monkeypatch.setattr(sweep, "perplexity", lambda *args, **kwargs: calls.append(args[3]) or perplexity(*args, **kwargs))
+    monkeypatch.setattr(runner, "perplexity", lambda *args, **kwargs: calls.append(args[3]) or perplexity(*args, **kwargs))
     resumed = run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", "2")
     assert calls == ["x_p_exp=0.5^6"] * 2
     assert all((points / name).read_bytes() == content for name, content in finished.items())
@@ -164,9 +165,9 @@ x_zero_out_t = 50.0
 
 
 def test_grid_ranges_step_by_halves_in_either_direction():
-    assert sweep.parse_grid("x_p_frac=0.5^6:0.5^16").values == tuple(0.5**k for k in range(6, 17))
-    assert sweep.parse_grid("w_p_exp+w_p_frac=0.5^10:0.5^4:3").values == (0.5**10, 0.5**7, 0.5**4)
-    axis = sweep.parse_grid("x_zero_out_t=1,30,none")
+    assert sweep_points.parse_grid("x_p_frac=0.5^6:0.5^16").values == tuple(0.5**k for k in range(6, 17))
+    assert sweep_points.parse_grid("w_p_exp+w_p_frac=0.5^10:0.5^4:3").values == (0.5**10, 0.5**7, 0.5**4)
+    axis = sweep_points.parse_grid("x_zero_out_t=1,30,none")
     assert axis.fields == ("x_zero_out_t",) and axis.values == (1.0, 30.0, None)
 
 
@@ -176,7 +177,7 @@ def test_a_rules_base_gets_the_grid_value_in_every_rule_that_flips():
     base = BitflipConfig(rules={r"model\.layers\.0\..*": None, r".*up_proj": {"w_p_exp": 0.5**9},
                                 "default": {"x_p_exp": 0.5**12, "x_zero_out_t": 3.0}})
     names = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("up", "down")]
-    table = sweep.with_settings(base, {"x_p_frac": value}).match(names)
+    table = sweep_points.with_settings(base, {"x_p_frac": value}).match(names)
     halves = {row.layer: row.x_flip.frac_halves for row in table}
     assert halves == {"model.layers.0.mlp.up_proj": None, "model.layers.0.mlp.down_proj": None,
                       "model.layers.1.mlp.up_proj": find_nearest_prob_n_halves(value),
