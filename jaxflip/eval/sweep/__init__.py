@@ -1,5 +1,5 @@
-"""``sweep``: a fault campaign, in one process or sharded over several: the perplexity of many flip settings, each
-under several seeds, with mean and 95% confidence interval, a table and a plot.
+"""``sweep``: a fault campaign, in one process or sharded over several: the perplexity of many
+flip settings, each under several seeds, with mean and 95% confidence interval, a table and a plot.
 
 Points. Each ``--grid FIELDS=VALUES`` is one curve: FIELDS (a flip field of the base
 ``--bitflip-config``, or several joined by ``+`` that take the same value, e.g.
@@ -13,10 +13,13 @@ once, for the perplexity ratios.
 
 Seeds. Seed s of a point is the point's config with ``base_seed = s`` (independent per-layer
 seeds), so it flips what ``eval ppl`` flips with that config; ``--seeds S`` runs
-``--first-seed`` (default: the base's ``base_seed``) and the S - 1 after it. The seeds are
-``BitflipSeed`` state, run-time arguments of the compiled forward: a new seed never recompiles,
-and the compile cost is paid once per distinct program. ``runner.prepare_points`` prepares the
-model for every point before any runs.
+``--first-seed`` (default: the base's ``base_seed``) and the S - 1 after it.
+
+Cost. The flip settings (``FlipSetting``) and the seeds (``BitflipSeed``) are run-time state of
+the model, arguments of the compiled forward; ``runner.prepare_points`` arms every Linear that
+any point flips before any runs (``jaxflip.bitflip.arm_for_tables``). The whole sweep, clean
+point, every grid point or per-layer cell and every seed, then runs one compiled forward: a
+campaign costs one compile and its forwards.
 
 Adaptive seeds (``--ci-width W``): the points run in rounds, 2 seeds each first, then one more
 seed per round to each point whose perplexity ratio to clean (the clean perplexity is
@@ -34,9 +37,9 @@ Once every shard is done, the same command without ``--shard`` over the same fol
 their point files into the table and plot, computing only what no shard finished.
 
 Output (``--output-dir``): ``points/`` holds one JSON per point, written whole (aside, then
-renamed) as it finishes (with ``--ci-width``: each round it gains seeds); a rerun reuses every point whose settings match and computes
-only what is missing (new seeds, new points), so an interrupted sweep loses at most the point
-in flight. ``sweep.json`` and ``sweep.csv`` are the table (per point: mean and 95% t-interval of
+renamed) as it finishes (with ``--ci-width``: each round it gains seeds); a rerun reuses every
+point whose settings match and computes only what is missing (new seeds, new points), so an
+interrupted sweep loses at most the point in flight. ``sweep.json`` and ``sweep.csv`` are the table (per point: mean and 95% t-interval of
 loss and perplexity over the seeds, the ratio to the clean perplexity), ``sweep.png`` the plot
 (perplexity against the grid value per curve, or the heatmap of the per-layer map).
 ``--sample-prompt`` adds each point's greedy continuation of a prompt (first seed): the

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxflip.bitflip import BitFlipLinear, RuleTable, apply_rule_table, named_linears
+from jaxflip.bitflip import BitFlipLinear, RuleTable, apply_rule_table, arm_for_tables, named_linears
 from jaxflip.bitflip.seeds import SEED_NAMES
 from jaxflip.eval.perplexity import perplexity
 from jaxflip.eval.report import write_json
@@ -97,11 +97,13 @@ def set_starting_seeds(linears: Mapping[str, BitFlipLinear], table: RuleTable) -
 
 def prepare_points(model, layer_names: Sequence[str], points: Sequence[SweepPoint]) -> dict[str, RuleTable]:
     """The one place where the model is prepared for every point, called once before any point
-    runs: each point's rule table, by point name, for the run loop (which sets it per point).
-    ``model`` is here for the preparation that spans points: once flip settings are run-time
-    state, this is where every Linear that any point flips gets armed, so that one compiled
-    forward serves the whole sweep."""
-    return {point.name: point.config.match(layer_names) for point in points}
+    runs: each point's rule table, by point name, for the run loop (which sets it per point),
+    and every Linear armed for everything any point flips (``arm_for_tables``), so that setting
+    a point changes only run-time state: one compiled forward serves every point and seed, the
+    clean one included (its tensors armed but off flip nothing and run no Philox)."""
+    tables = {point.name: point.config.match(layer_names) for point in points}
+    arm_for_tables(model, tables.values())
+    return tables
 
 
 def seeds_wanted(point: SweepPoint, record: Mapping, seeds: Sequence[int], ci_width: float | None,
