@@ -8,11 +8,10 @@ import re
 
 import numpy as np
 import pytest
-from jax import monitoring
-from jax._src.dispatch import JAXPR_TRACE_EVENT
 from tiny_models import save_checkpoint, tiny_text_model
 
 from jaxflip.bitflip import BitflipConfig, find_nearest_prob_n_halves
+from jaxflip.compile_count import CompileCount
 from jaxflip.eval.__main__ import main
 from jaxflip.eval.sweep import points as sweep_points
 from jaxflip.eval.sweep import runner
@@ -90,32 +89,27 @@ def test_table_holds_each_points_mean_and_interval_and_the_plot_is_written(swept
     assert (folder / "out" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_points_later_seeds_reuse_its_first_seeds_trace(swept, tmp_path, monkeypatch):
-    """Seeds are traced arguments: only a point's first evaluation traces (points of halves
-    no other test of this process compiles)."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_sweep_compiles_the_same_programs_for_2_and_4_points(swept, tmp_path, per_layer):
+    """Flip settings and seeds are run-time state: a sweep of 4 points compiles what one of 2
+    points does, one forward (the clean point shares it), whatever the points and seeds. Each
+    sweep uses a sequence length no other test compiles, so both start cold."""
     _, path, base, _ = swept
-    traces, per_call = [], []
-
-    def count(event, duration, **kwargs):
-        if event == JAXPR_TRACE_EVENT:
-            traces.append(event)
-
-    def counted(model, windows, batch_size, condition, **kwargs):
-        before = len(traces)
-        row = perplexity(model, windows, batch_size, condition, **kwargs)
-        per_call.append((condition, len(traces) - before))
-        return row
-
-    perplexity = runner.perplexity
-    monkeypatch.setattr(runner, "perplexity", counted)
-    monitoring.register_event_duration_secs_listener(count)
-    try:
-        run_sweep(path, base, tmp_path / "out", "--grid", "x_p_exp=0.5^8,0.5^9", "--seeds", "3")
-    finally:
-        monitoring.unregister_event_duration_listener(count)
-    flipped = [(condition, n) for condition, n in per_call if condition != "clean"]
-    assert [condition for condition, _ in flipped] == ["x_p_exp=0.5^8"] * 3 + ["x_p_exp=0.5^9"] * 3
-    assert [n > 0 for _, n in flipped] == [True, False, False] * 2
+    counts = []
+    for n_points, seq_len in ((2, 28), (4, 12)) if per_layer else ((2, 24), (4, 20)):
+        points = (["--per-layer", "linear", "--groups", ",".join(["x_p_exp", "w_p_frac"][:n_points // 2])]
+                  if per_layer else ["--grid", f"x_p_exp=0.5^8:0.5^{7 + n_points}"])
+        with CompileCount() as compiles:
+            output = tmp_path / f"out{n_points}"
+            assert main(["sweep", "--checkpoint", path, "--bitflip-config", str(base), "--seq-len", str(seq_len),
+                         "--num-sequences", str(SEQUENCES), "--batch-size", str(BATCH), "--output-dir", str(output),
+                         "--seeds", "2", *points]) == 0
+        rows = json.loads((output / "sweep.json").read_text())["points"]
+        assert len(rows) == n_points * (3 if per_layer else 1) // (2 if per_layer else 1) + 1
+        counts.append(compiles)
+    # the forward once per sweep; the rest (small setup programs) do not grow with the points
+    assert [c.of("_summed_cross_entropy") for c in counts] == [1, 1], counts
+    assert counts[1].total <= counts[0].total, counts
 
 
 def test_an_interrupted_sweep_resumes_without_recomputing_finished_points(swept, tmp_path, monkeypatch):
