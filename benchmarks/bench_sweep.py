@@ -1,5 +1,5 @@
-"""``eval sweep``'s cost over the forwards it runs (issue 22): a 6-point x 8-seed sweep of a
-random aixsim-60M at 16 x 2048 tokens against 48 forwards of one compiled evaluation.
+"""``eval sweep``'s cost (issues 22, 25): a 6-point x 8-seed sweep of a random aixsim-60M at
+16 x 2048 tokens against one compile and 48 forwards of its evaluation, and a per-layer map.
 
     PYTHONPATH=$PWD python benchmarks/bench_sweep.py --out $OUT/bench_sweep.json      # GPU
     PYTHONPATH=$PWD python benchmarks/bench_sweep.py --flavor aixsim-debug --layers 1 --seq-len 16 --batch 2 \\
@@ -8,15 +8,17 @@ random aixsim-60M at 16 x 2048 tokens against 48 forwards of one compiled evalua
 The model is built in-process with random weights (no hub), sharded over every visible
 device as the eval commands shard a checkpoint; the tokens are random. The base flips are the
 reference recipe's (0.5^16 on both groups of every Linear's x and W but the LM head, zero-out
-30 / 1.25) and the points vary ``x_p_frac`` from 0.5^6 by halves. Three timings:
+30 / 1.25) and the points vary ``x_p_frac`` from 0.5^6 by halves. Each timing starts with
+JAX's in-memory caches cleared (``jax.clear_caches``; run with the persistent compilation cache
+off, as ``device_env.sh`` sets it), so each pays its compiles:
 
-* ``compile``: a first sweep with one seed (it pays the compile of every distinct program), not counted;
-* ``sweep``: ``run_points`` over all points and seeds into a fresh folder: setting each point's
-  flips and each seed's seeds, the forwards, one point file written per point;
-* ``forwards``: the compiled evaluation of one point called points x seeds times, each call
-  synced to the host as the sweep syncs it.
-
-Prints the three and the ratio sweep / forwards (the bar: <= 1.2).
+* ``reference``: one compile and points x seeds forwards of one point's evaluation, each synced
+  to the host as the sweep syncs it;
+* ``sweep``: ``run_points`` over the clean point, all points and seeds into a fresh folder,
+  compiling included: setting each point's flips and each seed's seeds, the forwards, one point
+  file per point. The bar: sweep <= 1.3 x reference;
+* ``per-layer`` (``--per-layer-groups``, '' skips it): the per-layer map of every flipped
+  Linear x those groups (one seed each) with ``run_points``, compiling included.
 """
 
 from __future__ import annotations
@@ -27,16 +29,15 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxflip.bitflip import BitflipConfig, apply_rule_table, named_linears
-from jaxflip.eval.perplexity import _summed_cross_entropy
-from jaxflip.eval.sweep.points import grid_points, parse_grid
+from jaxflip.eval.perplexity import perplexity
+from jaxflip.eval.sweep.points import clean_point, grid_points, parse_grid, per_layer_points
 from jaxflip.eval.sweep.runner import PointStore, run_points
 from jaxflip.models import get_flavor
 from jaxflip.models.create import create_random_llama
-from jaxflip.models.sharding import make_mesh, on_model_mesh
+from jaxflip.models.sharding import make_mesh
 
 REFERENCE_RECIPE = dict(x_p_exp=0.5**16, x_p_frac=0.5**16, x_zero_out_t=30.0,
                         w_p_exp=0.5**16, w_p_frac=0.5**16, w_zero_out_t=1.25, base_seed=0)
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--skip-patterns", default="lm_head",
                         help="comma list of layer-name substrings left unflipped (default: %(default)s; fewer flipped "
                              "layers compile quicker)")
+    parser.add_argument("--per-layer-groups", default="x_p_exp,x_p_frac",
+                        help="bit groups of the per-layer map ('' skips it; default: %(default)s)")
     parser.add_argument("--out", default=None, help="also write the timings here as JSON")
     args = parser.parse_args()
 
@@ -66,33 +69,46 @@ def main() -> None:
     seeds = list(range(args.seeds))
     settings = {"bench": "bench_sweep"}
 
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        run_points(model, windows, args.batch, points, [args.seeds], PointStore(f"{folder}/compile", settings))
-        compile_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        run_points(model, windows, args.batch, points, seeds, PointStore(f"{folder}/sweep", settings))
-        sweep_s = time.perf_counter() - start
-
-    apply_rule_table(model, points[0].config.match(named_linears(model)))
-    batch = jnp.asarray(windows)
-    with on_model_mesh(model):
-        float(_summed_cross_entropy(model, batch))  # compiled already by the sweep: a warm-up call
-        start = time.perf_counter()
-        for _ in range(len(points) * len(seeds)):
-            float(_summed_cross_entropy(model, batch))
-        forwards_s = time.perf_counter() - start
-
+    evaluations = len(points) * len(seeds)
     result = {"flavor": args.flavor, "layers": config.num_hidden_layers, "tokens": [args.batch, args.seq_len],
               "points": len(points), "seeds": len(seeds), "devices": jax.device_count(),
-              "device": jax.devices()[0].device_kind, "compile_s": compile_s, "sweep_s": sweep_s,
-              "forwards_s": forwards_s, "ratio": sweep_s / forwards_s}
+              "device": jax.devices()[0].device_kind}
     print(f"{len(points)} points x {len(seeds)} seeds, {args.flavor} ({config.num_hidden_layers} layers), "
-          f"{args.batch} x {args.seq_len} tokens, {jax.device_count()} x {result['device']}")
-    print(f"compile (first sweep, 1 seed): {compile_s:.2f} s")
-    print(f"sweep: {sweep_s:.3f} s   {len(points) * len(seeds)} forwards: {forwards_s:.3f} s   "
-          f"ratio {result['ratio']:.3f} (bar <= 1.2)")
+          f"{args.batch} x {args.seq_len} tokens, {jax.device_count()} x {result['device']}", flush=True)
+
+    jax.clear_caches()
+    apply_rule_table(model, points[0].config.match(named_linears(model)))
+    start = time.perf_counter()
+    perplexity(model, windows, args.batch, "compile", progress_bar=False)
+    result["reference_compile_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(evaluations - 1):
+        perplexity(model, windows, args.batch, "forward", progress_bar=False)
+    result["reference_s"] = result["reference_compile_s"] + time.perf_counter() - start
+    print(f"reference: one compile and {evaluations} forwards {result['reference_s']:.2f} s "
+          f"(first, with the compile: {result['reference_compile_s']:.2f} s)", flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        jax.clear_caches()
+        start = time.perf_counter()
+        run_points(model, windows, args.batch, [clean_point(base), *points], seeds, PointStore(f"{folder}/sweep", settings))
+        result["sweep_s"] = time.perf_counter() - start
+        result["ratio"] = result["sweep_s"] / result["reference_s"]
+        print(f"sweep (clean + {evaluations}, compiling included): {result['sweep_s']:.2f} s, "
+              f"ratio {result['ratio']:.3f} (bar <= 1.3)", flush=True)
+
+        if args.per_layer_groups:
+            layer_names = list(named_linears(model))
+            cells = per_layer_points(base, base.match(layer_names), "linear", args.per_layer_groups.split(","))
+            jax.clear_caches()
+            start = time.perf_counter()
+            run_points(model, windows, args.batch, [clean_point(base), *cells], seeds[:1],
+                       PointStore(f"{folder}/per_layer", settings))
+            result["per_layer_cells"] = len(cells)
+            result["per_layer_s"] = time.perf_counter() - start
+            print(f"per-layer map: {len(cells)} cells (every flipped Linear x {args.per_layer_groups}) + clean, "
+                  f"one seed, compiling included: {result['per_layer_s']:.1f} s (bar < 180 s)", flush=True)
+
     if args.out:
         with open(args.out, "w") as file:
             json.dump(result, file, indent=1)
