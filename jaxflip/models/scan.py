@@ -12,12 +12,13 @@ when the train state is built, ``unstack_layers`` swaps it back for export. Both
 leaf at a time and drop the source arrays as they go, so memory peaks at the parameters plus
 one stacked leaf, not twice the parameters.
 
-A scan runs the same graph for every layer, so every layer's graphdef must be identical. The
-flip settings (``TensorFlip``) are static attributes of each ``BitFlipLinear``: rules that
-flip some layers differently from others make the graphs differ, and ``stack_layers`` then
-leaves the list (the Python loop runs). The bitflip seeds are state and stack like the
-weights: layer i flips with its own seeds and its own element indices, exactly what the loop
-flips, and the scan carries each layer's advanced seeds back out.
+A scan runs the same graph for every layer, so every layer's graphdef must be identical. A
+``BitFlipLinear``'s arming (``Armed``: whether its input and weight flip and zero out at all)
+is static: rules that arm some layers differently from others (skip a layer) make the graphs
+differ, and ``stack_layers`` then leaves the list (the Python loop runs). The flip settings
+(halves, thresholds) and the seeds are state and stack like the weights: layer i flips with
+its own settings, seeds and element indices, exactly what the loop flips, and the scan carries
+each layer's advanced seeds back out.
 
 A stacked Variable's ``out_sharding`` gains a leading ``None`` (the layer axis is replicated;
 each layer's own axes shard as before); inside the scan body each layer's Variables carry the
@@ -91,7 +92,7 @@ class StackedLayers(nnx.Module):
 
 
 def layers_are_identical(layers) -> bool:
-    """Whether every layer has the same graph (structure, static attributes, flip settings)."""
+    """Whether every layer has the same graph (structure, static attributes, flip arming)."""
     graphdefs = [nnx.graphdef(layer) for layer in layers]
     return all(graphdef == graphdefs[0] for graphdef in graphdefs[1:])
 

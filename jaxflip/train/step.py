@@ -98,7 +98,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, 
     """``(graphdef, state, shardings, scanned)`` with the optimizer state created sharded.
 
     The train state takes over the model's weights: with ``scan_layers``, if every decoder
-    layer has the same graph (the same flip settings), ``model.model.layers`` is replaced by
+    layer has the same graph (the same flip arming), ``model.model.layers`` is replaced by
     its stacked form in place (``scanned`` is True; see ``jaxflip.models.scan``), else the
     layers stay a list and the step loops over them (``scanned`` is False)."""
     scanned = scan_layers and stack_layers(model)
@@ -106,6 +106,9 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, 
     shardings = state_sharding(mesh, tx, abstract_train_state(tx, trainable, frozen, seeds))
     # LoRA's factors are made whole on one device (add_lora): placed in their shards now, not at the first step
     trainable = jax.device_put(trainable, shardings.trainable)
+    # the frozen state (flip settings, LoRA's base weights) too: left where it was made, the step
+    # would compile twice, first for it as made, then as the step hands it back
+    frozen = jax.device_put(frozen, shardings.frozen)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     step = jax.device_put(jnp.int32(0), shardings.step)
     seeds = jax.device_put(seeds, shardings.seeds)
