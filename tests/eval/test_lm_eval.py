@@ -48,7 +48,8 @@ def test_local_task_gives_the_same_results_through_jax_and_torch(checkpoint, tmp
     assert "|moby_dick|" in capsys.readouterr().out  # lm-eval's own table
     if bitflip:
         clean = lm_eval(path, tmp_path, "jax")
-        assert abs(clean["bits_per_byte,none"] - jax_results["bits_per_byte,none"]) > 1e-4, "the flips should show"
+        # without flips the two would be equal to the last bit; how far apart they are depends on the random model
+        assert abs(clean["bits_per_byte,none"] - jax_results["bits_per_byte,none"]) > 1e-6, "the flips should show"
 
 
 def greedy_pair(tokenizer, hf_model) -> tuple[str, str]:
