@@ -55,6 +55,19 @@ def expected_philox_calls(halves: int, masked_bits: int, mode: str) -> float:
     return 1.0 + sum(1 - (1 - 0.5 ** min(4 * k, halves)) ** masked_bits for k in range(1, calls))
 
 
+def median_ms(fn, *fn_args, reps: int) -> float:
+    """Median wall ms of ``fn(*fn_args)`` run to completion, after a compile-and-warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*fn_args))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*fn_args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
 def parse_list(text: str, kind=int) -> list:
     try:
         return [kind(item) for item in text.split(",") if item]
@@ -117,14 +130,7 @@ def run(args) -> None:
     bits_dtype = {"float32": jnp.uint32, "float16": jnp.uint16, "bfloat16": jnp.uint16}
 
     def time_jax(fn, *fn_args) -> float:
-        """Median wall ms of ``fn(*fn_args)`` run to completion, after a compile-and-warm-up call."""
-        jax.block_until_ready(fn(*fn_args))
-        samples = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*fn_args))
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
+        return median_ms(fn, *fn_args, reps=args.reps)
 
     def time_torch(fn) -> float:
         if device == "cuda":

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 THRESHOLD = 30.0
@@ -47,19 +45,14 @@ def main() -> None:
     import torch
     import triton.testing
     from mase_triton.random_bitflip.functional import random_bitflip_fn
+    from bench_kernel import median_ms
     from static_kernel import kernel as static_kernel
 
     from jaxflip.kernels_pallas.limits import flip_setting
     from jaxflip.kernels_pallas.random_bitflip import flip_with_setting
 
     def time_jax(fn, *fn_args) -> float:
-        jax.block_until_ready(fn(*fn_args))
-        samples = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*fn_args))
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
+        return median_ms(fn, *fn_args, reps=args.reps)
 
     run_time = jax.jit(lambda x, setting, s_exp, s_frac: flip_with_setting(x, setting, s_exp, s_frac,
                                                                            backend="pallas")[0])
