@@ -12,6 +12,7 @@ import sys
 from jaxflip.bitflip.rules_file import read_bitflip_config
 from jaxflip.cli import exit_status
 from jaxflip.eval import generate_cli, lm_eval_run, perplexity, profile, sweep
+from jaxflip.eval.model_io import resolve_checkpoint
 from jaxflip.eval.report import check_output_path, write_json
 from jaxflip.models.llama_config import DTYPES
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module, _ = COMMANDS[args.command]
     try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
         # every argument is checked before the model is opened
         module.check_arguments(args)
         # the settings, read and checked once here (their layers once the model is open)

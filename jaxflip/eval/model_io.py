@@ -6,13 +6,31 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 
 from jaxflip.bitflip import BitflipConfig, RuleTable, apply_rule_table, named_linears
 from jaxflip.data import load_tokenizer
 from jaxflip.models import LlamaForCausalLM, open_checkpoint
+from jaxflip.models.orbax_io import METADATA_FILE
 from jaxflip.models.sharding import make_mesh
+
+RUN_MODEL_DIR = "model"  # where a training run exports its model (jaxflip.train.loop.export_model)
+HF_CONFIG_FILE = "config.json"
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """``checkpoint``, or the model of a training run folder (``runs/quickstart`` ->
+    ``runs/quickstart/model``, said in one line): a user passes the run folder they trained."""
+    folder = Path(checkpoint)
+    if (folder / METADATA_FILE).is_file() or (folder / HF_CONFIG_FILE).is_file():
+        return checkpoint
+    model = folder / RUN_MODEL_DIR
+    if (model / METADATA_FILE).is_file():
+        print(f"note: {checkpoint} is a training run folder; evaluating its model {model}", file=sys.stderr)
+        return str(model)
+    return checkpoint
 
 
 def open_model(checkpoint: str, *, dtype: str | None = None, shard: bool = True) -> tuple[LlamaForCausalLM, str | None]:

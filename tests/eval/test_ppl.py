@@ -3,6 +3,7 @@ under mase-triton's layers (its kernels in the Triton interpreter) with the same
 
 import json
 import math
+from pathlib import Path
 
 import mase_reference
 import numpy as np
@@ -93,6 +94,17 @@ def test_clean_perplexity_equals_transformers_loss(checkpoint, tmp_path):
     assert row["condition"] == "clean" and row["tokens"] == SEQUENCES * SEQ_LEN
     assert row["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert row["perplexity"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
+
+
+def test_a_training_run_folder_is_evaluated_through_its_model(checkpoint, tmp_path, capsys):
+    """``--checkpoint runs/NAME`` (the folder a user trained into) evaluates ``runs/NAME/model``,
+    said in one line, with the numbers of the model folder itself."""
+    path, _ = checkpoint
+    run_folder = str(Path(path).parent)
+    assert Path(path).name == "model" and not (Path(run_folder) / "jaxflip_model.json").exists()
+    via_run = run_ppl(run_folder, tmp_path)
+    assert f"note: {run_folder} is a training run folder; evaluating its model {path}" in capsys.readouterr().err
+    assert via_run["checkpoint"] == path and via_run["rows"] == run_ppl(path, tmp_path)["rows"]
 
 
 @pytest.mark.filterwarnings("ignore:bitflip.skip_patterns entry 'output' names no layer")  # as in the 70B config
