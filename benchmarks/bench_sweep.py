@@ -91,7 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         jax.clear_caches()
         start = time.perf_counter()
-        run_points(model, windows, args.batch, [clean_point(base), *points], seeds, PointStore(f"{folder}/sweep", settings))
+        run_points(model, windows, args.batch, [clean_point(base), *points], seeds,
+                   PointStore(f"{folder}/sweep", settings))
         result["sweep_s"] = time.perf_counter() - start
         result["ratio"] = result["sweep_s"] / result["reference_s"]
         print(f"sweep (clean + {evaluations}, compiling included): {result['sweep_s']:.2f} s, "

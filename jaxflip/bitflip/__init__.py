@@ -14,7 +14,8 @@ from jaxflip.bitflip.seeds import BitflipSeed, BitflipState, FlipSetting, indepe
 __all__ = [
     "MAX_HALVES", "SEED_LIMIT", "Armed", "BitFlipLinear", "BitFlipLoRALinear", "BitflipConfig", "BitflipSeed",
     "BitflipState", "FlipSetting", "LM_HEAD", "LoRAParam", "RULE_KEYS", "RuleRow", "RuleSet", "RuleTable", "TensorFlip",
-    "add_lora", "apply_bitflip_rules", "apply_rule_table", "arm_for_tables", "calculate_flip_probability", "check_seed", "find_nearest_prob_n_halves", "flip_halves",
+    "add_lora", "apply_bitflip_rules", "apply_rule_table", "arm_for_tables", "calculate_flip_probability",
+    "check_seed", "find_nearest_prob_n_halves", "flip_halves",
     "flip_shared_input", "flip_tensor", "independent_seed", "merge_lora", "merged_weight", "match_rules", "named_linears",
     "replace_module", "seed_snapshot",
 ]

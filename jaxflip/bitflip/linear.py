@@ -125,8 +125,7 @@ class Armed:
         return cls(flip.exp_halves is not None or flip.frac_halves is not None, flip.zero_out_t is not None)
 
     def covers(self, flip: TensorFlip) -> bool:
-        needed = Armed.needed_by(flip)
-        return (self.flips or not needed.flips) and (self.zero_out or not needed.zero_out)
+        return self | Armed.needed_by(flip) == self
 
     def __or__(self, other: Armed) -> Armed:
         return Armed(self.flips or other.flips, self.zero_out or other.zero_out)

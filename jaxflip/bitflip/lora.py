@@ -81,9 +81,9 @@ class BitFlipLoRALinear(BitFlipLinear):
 
 
 def _copy_rest(source: BitFlipLinear, target: BitFlipLinear) -> None:
-    """Everything of a Linear but its weight: bias, flip arming, settings and seeds, as new Variables holding the
-    source's values (writing the values into the target's Variables with ``[...] =`` would do
-    the same, but under ``nnx.eval_shape`` each such write costs ~60 ms of jax tracer
+    """Everything of a Linear but its weight: bias, flip arming, settings and seeds, as new
+    Variables holding the source's values (writing the values into the target's Variables
+    with ``[...] =`` would do the same, but under ``nnx.eval_shape`` each such write costs ~60 ms of jax tracer
     bookkeeping: minutes for a 70B model)."""
     target.bias = None if source.bias is None else _copy_variable(source.bias)
     target.x_armed, target.w_armed, target.x_seeds_shared = source.x_armed, source.w_armed, source.x_seeds_shared

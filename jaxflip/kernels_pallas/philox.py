@@ -45,21 +45,19 @@ FRAC_MASK = {"float32": 0x007FFFFF, "float16": 0x03FF, "bfloat16": 0x007F}
 BITS_DTYPE = {"float32": jnp.uint32, "float16": jnp.uint16, "bfloat16": jnp.uint16}
 
 
-ROUND_COUNTS = (10, 12, 16)  # mase-triton's Philox rounds by halves (SPEC): < 13, < 19, else
+# mase-triton's Philox rounds by halves (SPEC): 10 below 13 halves, 12 below 19, else 16
+ROUND_COUNTS = (10, 12, 16)
+MORE_ROUNDS_FROM = (13, 19)  # the halves at which the next round count starts
 
 
 def philox_rounds(halves: int) -> int:
     """Philox rounds mase-triton uses for a group with ``halves`` (SPEC: 10 / 12 / 16)."""
-    if halves < 13:
-        return 10
-    if halves < 19:
-        return 12
-    return 16
+    return ROUND_COUNTS[sum(halves >= start for start in MORE_ROUNDS_FROM)]
 
 
 def rounds_index(halves: jnp.ndarray) -> jnp.ndarray:
     """Run-time ``ROUND_COUNTS.index(philox_rounds(halves))`` of an int32 ``halves``."""
-    return (halves >= 13).astype(jnp.int32) + (halves >= 19).astype(jnp.int32)
+    return sum((halves >= start).astype(jnp.int32) for start in MORE_ROUNDS_FROM)
 
 
 def philox4x32(counter: jnp.ndarray, key: jnp.ndarray, n_rounds: int, mulhilo: MulHiLo = mulhilo_16bit_split):

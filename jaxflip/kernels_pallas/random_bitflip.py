@@ -141,8 +141,8 @@ def random_bitflip(
     if exp_halves is None and frac_halves is None and zero_out_threshold is None:
         _check_input(x, seed_exp, seed_frac, backend)
         return x, seed_exp, seed_frac
-    y = _flip_setting(x, setting, seed_exp, seed_frac, exp_halves is not None or frac_halves is not None,
-                      zero_out_threshold is not None, backend, sharding)
+    y = _flip_setting(x, jnp.asarray(setting), seed_exp, seed_frac,
+                      exp_halves is not None or frac_halves is not None, zero_out_threshold is not None, backend, sharding)
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
@@ -171,16 +171,18 @@ def flip_with_setting(x, setting, seed_exp, seed_frac, *, flips: bool = True, ze
     flips / never zeroes out, and the setting's halves / zero-out flag must say so). Within
     that, every setting runs the same program; a setting that flips nothing runs no Philox.
     """
+    setting = jnp.asarray(setting, jnp.int32)
+    if setting.shape != (SETTING_SIZE,):
+        raise ValueError(f"flip setting must be an int32 vector of {SETTING_SIZE}, got shape {setting.shape}")
     y = _flip_setting(x, setting, seed_exp, seed_frac, flips, zero_out, backend, sharding)
     if not flips:
         return y, seed_exp, seed_frac
-    setting = jnp.asarray(setting, jnp.int32)
     return y, advance_seed(seed_exp, setting[EXP_HALVES]), advance_seed(seed_frac, setting[FRAC_HALVES])
 
 
 def _flip_setting(x, setting, seed_exp, seed_frac, flips: bool, zero_out: bool, backend: str | None,
                   sharding: NamedSharding | None):
-    """``y`` of ``flip_with_setting``."""
+    """``y`` of ``flip_with_setting``; ``setting`` an int32 JAX array of ``SETTING_SIZE``."""
     backend = _check_input(x, seed_exp, seed_frac, backend)
     if not (flips or zero_out):
         return x
@@ -188,9 +190,6 @@ def _flip_setting(x, setting, seed_exp, seed_frac, flips: bool, zero_out: bool, 
         if isinstance(x.sharding, NamedSharding) and x.sharding.mesh.size > 1:
             sharding = x.sharding
     config = FlipConfig(flips, zero_out, backend, sharding if backend != "jnp" else None)
-    setting = jnp.asarray(setting, jnp.int32)
-    if setting.shape != (SETTING_SIZE,):
-        raise ValueError(f"flip setting must be an int32 vector of {SETTING_SIZE}, got shape {setting.shape}")
     seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
     # called eagerly (outside jit), the op would run primitive by primitive, each materializing
     # a full-size array: one compiled function per configuration instead

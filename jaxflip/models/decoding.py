@@ -58,9 +58,9 @@ def sample_next_token(logits: jax.Array, key: jax.Array, *, do_sample: bool, tem
 
 
 def generate(model: LlamaForCausalLM, input_ids: jax.Array | np.ndarray, max_new_tokens: int, *,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
-             eos_token_id: int | None = None, on_tokens: Callable[[np.ndarray], bool | None] | None = None
-             ) -> jax.Array:
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+             seed: int = 0, eos_token_id: int | None = None,
+             on_tokens: Callable[[np.ndarray], bool | None] | None = None) -> jax.Array:
     """Append up to ``max_new_tokens`` tokens to the prompts ``input_ids`` (B, T, on the host or
     the device), all of the same length; returns (B, T + generated).
 

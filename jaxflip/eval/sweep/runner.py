@@ -87,9 +87,7 @@ def set_starting_seeds(linears: Mapping[str, BitFlipLinear], table: RuleTable) -
     as host int32 values: the compiled forward takes them as arguments, copied in the call.
     ``configure``'s eager device scalars cost about 0.1 ms each, four per Linear: 80 ms per seed
     at aixsim-60M's 155 Linears on the 2-core VM (these host values: 4 ms), the order of a
-    GPU forward of 16 x 2048 tokens. Each a 0-d array, not a numpy scalar: the next point's
-    ``apply_rule_table`` assigns into it (``seed[...] = ...``) when no forward has replaced it,
-    as after an evaluation stubbed in a test."""
+    GPU forward of 16 x 2048 tokens."""
     for row in table:
         for name, seed in zip(SEED_NAMES, row.seeds):
             getattr(linears[row.layer], name).set_value(np.asarray(seed, np.int32))
