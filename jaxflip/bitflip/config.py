@@ -9,7 +9,8 @@ The fields are those of NewComputeBench's 70B tutorial config::
     base_seed = 0                    # set: independent per-layer seeds
     skip_patterns = ["lm_head"]      # layer-name substrings left alone
 
-plus ``enable`` (false: no flips), ``seed_mode`` and ``rules`` (NewComputeBench's regex rules,
+plus ``enable`` (false: no flips), ``exact`` (false: sampled flips, the same distribution
+drawn cheaper, ``jaxflip.kernels_pallas.sampled``), ``seed_mode`` and ``rules`` (NewComputeBench's regex rules,
 ``jaxflip.bitflip.rules``, which replace the probability, threshold and skip fields). The
 probabilities and thresholds become a ``default`` rule and each skip substring a skipping
 rule; either way the rules are parsed once, here, into the ``RuleSet`` that ``match`` and
@@ -67,10 +68,12 @@ class BitflipConfig:
     seed_mode: str | None = None  # "reference" or "independent"; None: independent when base_seed is set
     skip_patterns: list[str] = field(default_factory=lambda: [LM_HEAD])  # layer-name substrings left alone
     rules: dict | None = None  # NewComputeBench regex rules; replaces the fields above when given
+    exact: bool = True  # mase-triton's flips bit for bit; false: sampled, the same distribution, cheaper
 
     def __post_init__(self):
-        if not isinstance(self.enable, bool):
-            raise ValueError(f"{SECTION}.enable must be true or false, got {self.enable!r}")
+        for flag in ("enable", "exact"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{SECTION}.{flag} must be true or false, got {getattr(self, flag)!r}")
         x_flip, w_flip = (TensorFlip.from_probabilities(getattr(self, f"{t}_p_exp"), getattr(self, f"{t}_p_frac"),
                                                         getattr(self, f"{t}_zero_out_t"), name=f"{SECTION}.{t}_")
                           for t in "xw")
@@ -138,7 +141,7 @@ class BitflipConfig:
 
     def apply(self, model: nnx.Module) -> RuleTable:
         """Configure every ``BitFlipLinear`` of ``model`` (in place; seeds start afresh)."""
-        return apply_rule_table(model, self.match(named_linears(model)))
+        return apply_rule_table(model, self.match(named_linears(model)), self.exact)
 
     def rule_mapping(self, layer_names: Collection[str] | None = None) -> dict:
         """The rules in NewComputeBench's form (``{regex: settings or None}``), e.g. for its own

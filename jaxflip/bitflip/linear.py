@@ -114,21 +114,26 @@ class TensorFlip:
 @dataclass(frozen=True)
 class Armed:
     """What one tensor's compiled flip can do: flip bits (at any halves) and zero out (at any
-    threshold). Static: arming differently compiles another program; the settings within it
+    threshold), with mase-triton's stream (``exact``) or the sampled generator of the same
+    distribution. Static: arming differently compiles another program; the settings within it
     are run-time data."""
 
     flips: bool = False
     zero_out: bool = False
+    exact: bool = True
 
     @classmethod
-    def needed_by(cls, flip: TensorFlip) -> Armed:
-        return cls(flip.exp_halves is not None or flip.frac_halves is not None, flip.zero_out_t is not None)
+    def needed_by(cls, flip: TensorFlip, exact: bool = True) -> Armed:
+        return cls(flip.exp_halves is not None or flip.frac_halves is not None, flip.zero_out_t is not None, exact)
 
-    def covers(self, flip: TensorFlip) -> bool:
-        return self | Armed.needed_by(flip) == self
+    def covers(self, flip: TensorFlip, exact: bool = True) -> bool:
+        return self.exact == exact and self | Armed.needed_by(flip, exact) == self
 
     def __or__(self, other: Armed) -> Armed:
-        return Armed(self.flips or other.flips, self.zero_out or other.zero_out)
+        if self.exact != other.exact and self.flips and other.flips:
+            raise ValueError("one tensor cannot be armed for both exact and sampled flips")
+        return Armed(self.flips or other.flips, self.zero_out or other.zero_out,
+                     self.exact if self.flips else other.exact)
 
     @property
     def any(self) -> bool:
@@ -155,7 +160,7 @@ def flip_tensor(value: jax.Array, armed: Armed, setting: FlipSetting, seed_exp: 
         value = jax.lax.with_sharding_constraint(value, sharding)
     flipped, next_exp, next_frac = flip_with_setting(
         value, setting.get_value(), seed_exp[...], seed_frac[...], flips=armed.flips, zero_out=armed.zero_out,
-        sharding=sharding)
+        sharding=sharding, exact=armed.exact)
     # set_value, not ``seed[...] =``: flax compares the shardings of an indexed write, and a
     # tracer's missing sharding costs jax 0.10 a print of the trace so far (quadratic tracing)
     seed_exp.set_value(next_exp)
@@ -218,16 +223,16 @@ class BitFlipLinear(nnx.Module):
         self.w_seed_frac = BitflipSeed(jnp.int32(0))  # SEED_NAMES, in this order
 
     def configure(self, x_flip: TensorFlip, w_flip: TensorFlip, seeds: tuple[int, int, int, int] = (0, 0, 0, 0),
-                  *, x_seeds_shared: bool = False):
+                  *, x_seeds_shared: bool = False, exact: bool = True):
         """Set the flips of the input and the weight and their starting seeds
         ``(x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac)``, as device arrays (the compiled
-        call takes them as arguments); ``x_seeds_shared``: see the module's doc. A tensor's
-        arming is kept when it covers the new flip (no new program), else set to what the flip
-        needs."""
+        call takes them as arguments); ``x_seeds_shared``: see the module's doc; ``exact``:
+        mase-triton's stream, or (False) the sampled generator. A tensor's arming is kept when
+        it covers the new flip (no new program), else set to what the flip needs."""
         for tensor, flip in (("x", x_flip), ("w", w_flip)):
             armed = getattr(self, f"{tensor}_armed")
-            if not armed.covers(flip):
-                setattr(self, f"{tensor}_armed", Armed.needed_by(flip))
+            if not armed.covers(flip, exact):
+                setattr(self, f"{tensor}_armed", Armed.needed_by(flip, exact))
             getattr(self, f"{tensor}_setting").set_value(jnp.asarray(flip.setting))
         self.x_seeds_shared = x_seeds_shared
         for name, seed in zip(SEED_NAMES, seeds):

@@ -88,27 +88,30 @@ def apply_bitflip_rules(model: nnx.Module, rules: Mapping | RuleSet, seed_mode: 
     return apply_rule_table(model, match_rules(list(named_linears(model)), rules, seed_mode, base_seed))
 
 
-def apply_rule_table(model: nnx.Module, table: RuleTable) -> RuleTable:
+def apply_rule_table(model: nnx.Module, table: RuleTable, exact: bool = True) -> RuleTable:
     """Configure the ``BitFlipLinear`` of each row of ``table`` (``match_rules`` on ``model``'s
-    layer names) as the row says; returns ``table``."""
+    layer names) as the row says, with exact or (``exact=False``) sampled flips; returns
+    ``table``."""
     linears = named_linears(model)
     shared = x_seeds_shared(table)
     for row in table:
-        linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds, x_seeds_shared=row.layer in shared)
+        linears[row.layer].configure(row.x_flip, row.w_flip, row.seeds, x_seeds_shared=row.layer in shared,
+                                     exact=exact)
     return table
 
 
-def arm_for_tables(model: nnx.Module, tables: Iterable[RuleTable]) -> None:
+def arm_for_tables(model: nnx.Module, tables: Iterable[RuleTable], exact: bool = True) -> None:
     """Arm each ``BitFlipLinear`` of ``model`` for everything any of ``tables`` (``match_rules``
     on its layer names) sets it to, and no more: ``apply_rule_table`` with any of them then
     changes only run-time settings and seeds, so a whole campaign (grid points, per-layer
     cells, seeds) runs one compiled forward. A Linear no table flips is disarmed."""
     linears = named_linears(model)
-    armed = dict.fromkeys(linears, (Armed(), Armed()))
+    armed = dict.fromkeys(linears, (Armed(exact=exact), Armed(exact=exact)))
     for table in tables:
         for row in table:
             x_armed, w_armed = armed[row.layer]
-            armed[row.layer] = (x_armed | Armed.needed_by(row.x_flip), w_armed | Armed.needed_by(row.w_flip))
+            armed[row.layer] = (x_armed | Armed.needed_by(row.x_flip, exact),
+                                w_armed | Armed.needed_by(row.w_flip, exact))
     for name, (x_armed, w_armed) in armed.items():
         linears[name].arm(x_armed, w_armed)
 

@@ -66,7 +66,7 @@ class BitflipSetup:
 
     def apply(self, model: LlamaForCausalLM) -> BitflipSetup:
         """Configure ``model``'s flips as the table says (its seeds start afresh)."""
-        apply_rule_table(model, self.table)
+        apply_rule_table(model, self.table, self.config.exact)
         # said at once: compiling every flip site's Philox makes the first forward the slow one
         print(f"bitflip: {sum(row.flipped for row in self.table)} of {len(self.table)} Linear layers flip; the "
               f"first forward compiles their flips, which can take minutes on a CPU", file=sys.stderr, flush=True)

@@ -12,6 +12,10 @@ program serves every flip setting of a shape and dtype. What is static is only w
 the code: whether the op flips at all, whether it may zero out (then a gradient needs the
 keep mask), the backend and the sharding.
 
+``exact=False`` draws the same fault distribution from a cheaper generator instead of
+mase-triton's Philox stream (``jaxflip.kernels_pallas.sampled``): XLA elementwise code on
+every backend, the same groups, seeds, zero-out and gradient.
+
 Backends: ``"pallas"`` (GPU kernel), ``"interpret"`` (the same kernel in Pallas interpret
 mode), ``"jnp"`` (XLA elementwise code). ``None`` picks ``pallas`` on GPU and ``jnp``
 elsewhere; the environment variable ``JAXFLIP_BITFLIP_BACKEND`` overrides the default. All
@@ -41,6 +45,7 @@ from jaxflip.kernels_pallas.layout import (
 from jaxflip.kernels_pallas.limits import (EXP_HALVES, FRAC_HALVES, SEED_LIMIT, SETTING_SIZE, THRESHOLD_BITS,
                                            ZERO_OUT, check_seed, flip_setting)
 from jaxflip.kernels_pallas.philox import BITS_DTYPE, flip_bits, setting_keep
+from jaxflip.kernels_pallas.sampled import sampled_flip_bits
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("pallas", "interpret", "jnp")
@@ -102,12 +107,14 @@ def _default_backend(x) -> str:
 class FlipConfig:
     """Everything static about one flip: it selects the compiled code. ``flips``: the op may
     flip bits (False: zero-out only); ``zero_out``: it may zero out (the setting says whether
-    it does)."""
+    it does); ``exact``: mase-triton's Philox stream (False: the sampled generator, the same
+    distribution)."""
 
     flips: bool
     zero_out: bool
     backend: str
     sharding: NamedSharding | None = None
+    exact: bool = True
 
 
 def random_bitflip(
@@ -120,6 +127,7 @@ def random_bitflip(
     *,
     backend: str | None = None,
     sharding: NamedSharding | None = None,
+    exact: bool = True,
 ):
     """Flip random bits of ``x``; returns ``(y, next_seed_exp, next_seed_frac)``.
 
@@ -136,13 +144,18 @@ def random_bitflip(
     ``jax.set_mesh`` inside ``jit``) so that each device's Pallas kernel flips its own shard
     with its global indices, under ``shard_map``. A concrete sharded ``jax.Array`` brings its
     own sharding. The ``jnp`` backend needs neither: XLA partitions its elementwise code.
+
+    ``exact=False``: each bit flips with the same probability, independently, drawn by the
+    sampled generator (``jaxflip.kernels_pallas.sampled``) rather than mase-triton's stream;
+    the seeds advance as in exact mode, so successive calls differ.
     """
     setting = flip_setting(exp_halves, frac_halves, zero_out_threshold)
     if exp_halves is None and frac_halves is None and zero_out_threshold is None:
         _check_input(x, seed_exp, seed_frac, backend)
         return x, seed_exp, seed_frac
     y = _flip_setting(x, jnp.asarray(setting), seed_exp, seed_frac,
-                      exp_halves is not None or frac_halves is not None, zero_out_threshold is not None, backend, sharding)
+                      exp_halves is not None or frac_halves is not None, zero_out_threshold is not None, backend, sharding,
+                      exact)
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)
 
 
@@ -162,7 +175,7 @@ def _check_input(x, seed_exp, seed_frac, backend) -> str:
 
 
 def flip_with_setting(x, setting, seed_exp, seed_frac, *, flips: bool = True, zero_out: bool = True,
-                      backend: str | None = None, sharding: NamedSharding | None = None):
+                      backend: str | None = None, sharding: NamedSharding | None = None, exact: bool = True):
     """``random_bitflip`` with its halves and threshold as a setting vector (int32, of
     ``jaxflip.kernels_pallas.limits.flip_setting``; a host array or a run-time value):
     returns ``(y, next_seed_exp, next_seed_frac)``, the seeds as JAX scalars.
@@ -170,18 +183,19 @@ def flip_with_setting(x, setting, seed_exp, seed_frac, *, flips: bool = True, ze
     ``flips`` and ``zero_out`` are static: what the compiled code can do (False: it never
     flips / never zeroes out, and the setting's halves / zero-out flag must say so). Within
     that, every setting runs the same program; a setting that flips nothing runs no Philox.
+    ``exact``: static too, as in ``random_bitflip``.
     """
     setting = jnp.asarray(setting, jnp.int32)
     if setting.shape != (SETTING_SIZE,):
         raise ValueError(f"flip setting must be an int32 vector of {SETTING_SIZE}, got shape {setting.shape}")
-    y = _flip_setting(x, setting, seed_exp, seed_frac, flips, zero_out, backend, sharding)
+    y = _flip_setting(x, setting, seed_exp, seed_frac, flips, zero_out, backend, sharding, exact)
     if not flips:
         return y, seed_exp, seed_frac
     return y, advance_seed(seed_exp, setting[EXP_HALVES]), advance_seed(seed_frac, setting[FRAC_HALVES])
 
 
 def _flip_setting(x, setting, seed_exp, seed_frac, flips: bool, zero_out: bool, backend: str | None,
-                  sharding: NamedSharding | None):
+                  sharding: NamedSharding | None, exact: bool = True):
     """``y`` of ``flip_with_setting``; ``setting`` an int32 JAX array of ``SETTING_SIZE``."""
     backend = _check_input(x, seed_exp, seed_frac, backend)
     if not (flips or zero_out):
@@ -189,7 +203,10 @@ def _flip_setting(x, setting, seed_exp, seed_frac, flips: bool, zero_out: bool, 
     if sharding is None and backend != "jnp" and isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
         if isinstance(x.sharding, NamedSharding) and x.sharding.mesh.size > 1:
             sharding = x.sharding
-    config = FlipConfig(flips, zero_out, backend, sharding if backend != "jnp" else None)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
+    # sampled flips are XLA elementwise code on every backend: XLA partitions them itself
+    config = FlipConfig(flips, zero_out, backend, sharding if backend != "jnp" and exact else None, exact)
     seeds = jnp.stack([jnp.asarray(seed_exp).astype(jnp.uint32), jnp.asarray(seed_frac).astype(jnp.uint32)])
     # called eagerly (outside jit), the op would run primitive by primitive, each materializing
     # a full-size array: one compiled function per configuration instead
@@ -202,7 +219,7 @@ def _flip_forward(x, setting, seeds, config: FlipConfig, with_keep: bool):
     with_keep = with_keep and config.zero_out
     if x.size == 0:
         return x, (jnp.ones(x.shape, jnp.int8) if with_keep else None)
-    if config.backend == "jnp" or not config.flips:
+    if config.backend == "jnp" or not (config.flips and config.exact):
         y, keep = _flip_jnp(x, setting, seeds, config)
         return y, (keep if with_keep else None)
     if config.sharding is not None and config.sharding.mesh.size > 1:
@@ -211,12 +228,14 @@ def _flip_forward(x, setting, seeds, config: FlipConfig, with_keep: bool):
 
 
 def _flip_jnp(x, setting, seeds, config: FlipConfig):
-    """The XLA elementwise form (also the zero-out of an op that never flips)."""
+    """The XLA elementwise form (also the zero-out of an op that never flips, and every
+    sampled flip)."""
     dtype_name = jnp.dtype(x.dtype).name
     bits = jax.lax.bitcast_convert_type(x, BITS_DTYPE[dtype_name])
     if config.flips:
-        bits = flip_bits(bits, nd_global_index(x.shape), seeds[0], seeds[1],
-                         setting[EXP_HALVES], setting[FRAC_HALVES], dtype_name)
+        flip = flip_bits if config.exact else sampled_flip_bits
+        bits = flip(bits, nd_global_index(x.shape), seeds[0], seeds[1], setting[EXP_HALVES], setting[FRAC_HALVES],
+                    dtype_name)
     if not config.zero_out:
         return jax.lax.bitcast_convert_type(bits, x.dtype), None
     keep = setting_keep(bits, dtype_name, setting[ZERO_OUT], setting[THRESHOLD_BITS])

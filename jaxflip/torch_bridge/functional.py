@@ -35,67 +35,71 @@ def to_torch(array: jax.Array) -> torch.Tensor:
     return torch.from_dlpack(array)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 5))
-def _flip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold):
+@partial(jax.jit, static_argnums=(1, 2, 5, 6))
+def _flip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold, exact):
     """The seeds are traced, so one compilation serves every call."""
-    return jax_random_bitflip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold)[0]
+    return jax_random_bitflip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold, exact=exact)[0]
 
 
-@partial(jax.jit, static_argnums=(2, 3, 6))
-def _flip_grad(x, grad_y, exp_halves, frac_halves, seed_exp, seed_frac, threshold):
+@partial(jax.jit, static_argnums=(2, 3, 6, 7))
+def _flip_grad(x, grad_y, exp_halves, frac_halves, seed_exp, seed_frac, threshold, exact):
     """``dx``: ``grad_y`` through the op's own VJP (its zero-out mask, recomputed from ``x``)."""
-    _, vjp = jax.vjp(lambda x: jax_random_bitflip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold)[0], x)
+    _, vjp = jax.vjp(lambda x: jax_random_bitflip(x, exp_halves, frac_halves, seed_exp, seed_frac, threshold,
+                                                  exact=exact)[0], x)
     return vjp(grad_y)[0]
 
 
 @torch.library.custom_op("jaxflip::random_bitflip", mutates_args=())
 def _flip_op(x: torch.Tensor, exp_halves: int | None, frac_halves: int | None, seed_exp: int, seed_frac: int,
-             zero_out_threshold: float | None) -> torch.Tensor:
-    return to_torch(_flip(to_jax(x), exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold))
+             zero_out_threshold: float | None, exact: bool) -> torch.Tensor:
+    return to_torch(_flip(to_jax(x), exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold, exact))
 
 
 @_flip_op.register_fake
-def _flip_op_fake(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold):
+def _flip_op_fake(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold, exact):
     return x.new_empty(x.shape)  # row-major, as DLPack hands JAX's output back
 
 
 @torch.library.custom_op("jaxflip::random_bitflip_backward", mutates_args=())
 def _flip_backward_op(x: torch.Tensor, grad_y: torch.Tensor, exp_halves: int | None, frac_halves: int | None,
-                      seed_exp: int, seed_frac: int, zero_out_threshold: float) -> torch.Tensor:
+                      seed_exp: int, seed_frac: int, zero_out_threshold: float, exact: bool) -> torch.Tensor:
     return to_torch(_flip_grad(to_jax(x), to_jax(grad_y), exp_halves, frac_halves, seed_exp, seed_frac,
-                               zero_out_threshold))
+                               zero_out_threshold, exact))
 
 
 @_flip_backward_op.register_fake
-def _flip_backward_op_fake(x, grad_y, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold):
+def _flip_backward_op_fake(x, grad_y, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold, exact):
     return grad_y.new_empty(grad_y.shape)
 
 
 def _save_for_backward(ctx, inputs, output):
     x, *ctx.settings = inputs
-    if ctx.settings[-1] is not None:  # the zero-out mask depends on x; without one, dx = dy
+    if ctx.settings[-2] is not None:  # the zero-out mask depends on x; without one, dx = dy
         ctx.save_for_backward(x)
 
 
 def _backward(ctx, grad_y):
-    grad_x = grad_y if ctx.settings[-1] is None else _flip_backward_op(*ctx.saved_tensors, grad_y, *ctx.settings)
-    return grad_x, None, None, None, None, None
+    grad_x = grad_y if ctx.settings[-2] is None else _flip_backward_op(*ctx.saved_tensors, grad_y, *ctx.settings)
+    return grad_x, None, None, None, None, None, None
 
 
 _flip_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def random_bitflip_fn(x: torch.Tensor, exp_halves: int | None, frac_halves: int | None, seed_exp: int, seed_frac: int,
-                      zero_out_threshold: float | None) -> tuple[torch.Tensor, int, int]:
+                      zero_out_threshold: float | None, *, exact: bool = True) -> tuple[torch.Tensor, int, int]:
     """``mase_triton.random_bitflip.functional.random_bitflip_fn``'s signature and results:
     ``(y, next_seed_exp, next_seed_frac)``, differentiable in ``x``; ``y`` is a new tensor
     (a copy when nothing is flipped or zeroed). Seeds must lie in ``[0, 2**31 - 8)``, and the
-    next seeds wrap around within it (``advance_seed``), as in the JAX op and its layers."""
+    next seeds wrap around within it (``advance_seed``), as in the JAX op and its layers.
+    ``exact=False``: the sampled flips of ``jaxflip.random_bitflip(..., exact=False)``."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"random_bitflip_fn: unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
     check_halves("exp_halves", exp_halves)
     check_halves("frac_halves", frac_halves)
     zero_out_threshold = check_threshold(zero_out_threshold)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
     for name, seed in (("seed_exp", seed_exp), ("seed_frac", seed_frac)):
         if not isinstance(seed, torch.SymInt):  # under torch.compile the op checks it when it runs
             check_seed(name, seed)
@@ -103,5 +107,5 @@ def random_bitflip_fn(x: torch.Tensor, exp_halves: int | None, frac_halves: int 
         # mase-triton's own torch code here (its comparison casts the threshold to x's dtype)
         y = x.clone() if zero_out_threshold is None else torch.where(x.abs() < zero_out_threshold, x, 0.0)
         return y, seed_exp, seed_frac
-    y = _flip_op(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold)
+    y = _flip_op(x, exp_halves, frac_halves, seed_exp, seed_frac, zero_out_threshold, exact)
     return y, advance_seed(seed_exp, exp_halves), advance_seed(seed_frac, frac_halves)

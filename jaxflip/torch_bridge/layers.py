@@ -7,6 +7,8 @@ flipped at every call and its seeds advance; one whose settings are all None is 
 is; the bias is not flipped. ``configure`` sets the flips from ``TensorFlip``s (halves), as
 ``jaxflip.bitflip.BitFlipLinear.configure`` does. A probability below the kernel's
 ``0.5 ** MAX_HALVES`` is refused when the layer is built (mase-triton: at its first call).
+Beyond mase-triton: ``exact=False`` (keyword) flips with the sampled generator, the same
+distribution drawn cheaper (``jaxflip.kernels_pallas.sampled``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ class RandomBitFlipLinear(torch.nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype,
                  x_p_exp: float | None, x_p_frac: float | None, x_zero_out_t: float | None,
                  w_p_exp: float | None, w_p_frac: float | None, w_zero_out_t: float | None,
-                 x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0, w_seed_frac: int = 0) -> None:
+                 x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0, w_seed_frac: int = 0, *,
+                 exact: bool = True) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
+        self.exact = exact
         self.configure(TensorFlip.from_probabilities(x_p_exp, x_p_frac, x_zero_out_t, name="x_"),
                        TensorFlip.from_probabilities(w_p_exp, w_p_frac, w_zero_out_t, name="w_"),
                        (x_seed_exp, x_seed_frac, w_seed_exp, w_seed_frac))
@@ -49,24 +53,24 @@ class RandomBitFlipLinear(torch.nn.Linear):
         if _flips(self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_zero_out_t):
             x, self.x_seed_exp, self.x_seed_frac = random_bitflip_fn(
                 x, self.x_nearest_exp_halves, self.x_nearest_frac_halves, self.x_seed_exp, self.x_seed_frac,
-                self.x_zero_out_t)
+                self.x_zero_out_t, exact=self.exact)
         if _flips(self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_zero_out_t):
             w, self.w_seed_exp, self.w_seed_frac = random_bitflip_fn(
                 w, self.w_nearest_exp_halves, self.w_nearest_frac_halves, self.w_seed_exp, self.w_seed_frac,
-                self.w_zero_out_t)
+                self.w_zero_out_t, exact=self.exact)
         return torch.nn.functional.linear(x, w, self.bias)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, x_p_exp: float | None = None, x_p_frac: float | None = None,
                     x_zero_out_t: float | None = None, w_p_exp: float | None = None, w_p_frac: float | None = None,
                     w_zero_out_t: float | None = None, x_seed_exp: int = 0, x_seed_frac: int = 0, w_seed_exp: int = 0,
-                    w_seed_frac: int = 0) -> RandomBitFlipLinear:
+                    w_seed_frac: int = 0, *, exact: bool = True) -> RandomBitFlipLinear:
         """A bitflip layer holding a copy of ``linear``'s weight and bias (settings left out: no
         flips, until ``configure``)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                     linear.weight.dtype, x_p_exp=x_p_exp, x_p_frac=x_p_frac, x_zero_out_t=x_zero_out_t,
                     w_p_exp=w_p_exp, w_p_frac=w_p_frac, w_zero_out_t=w_zero_out_t, x_seed_exp=x_seed_exp,
-                    x_seed_frac=x_seed_frac, w_seed_exp=w_seed_exp, w_seed_frac=w_seed_frac)
+                    x_seed_frac=x_seed_frac, w_seed_exp=w_seed_exp, w_seed_frac=w_seed_frac, exact=exact)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
@@ -90,8 +94,9 @@ class RandomBitFlipDropout(torch.nn.Module):
     returned as it is."""
 
     def __init__(self, p_exp: float | None, p_frac: float | None, zero_out_t: float | None, seed_exp: int = 0,
-                 seed_frac: int = 0, device: str | torch.device | None = None) -> None:
+                 seed_frac: int = 0, device: str | torch.device | None = None, *, exact: bool = True) -> None:
         super().__init__()
+        self.exact = exact
         flip = TensorFlip.from_probabilities(p_exp, p_frac, zero_out_t)
         self.p_exp, self.p_frac, self.zero_out_t = p_exp, p_frac, flip.zero_out_t
         self.nearest_exp_halves, self.nearest_frac_halves = flip.exp_halves, flip.frac_halves
@@ -101,7 +106,8 @@ class RandomBitFlipDropout(torch.nn.Module):
         if not _flips(self.nearest_exp_halves, self.nearest_frac_halves, self.zero_out_t):
             return x
         y, self.seed_exp, self.seed_frac = random_bitflip_fn(x, self.nearest_exp_halves, self.nearest_frac_halves,
-                                                             self.seed_exp, self.seed_frac, self.zero_out_t)
+                                                             self.seed_exp, self.seed_frac, self.zero_out_t,
+                                                             exact=self.exact)
         return y
 
     def extra_repr(self) -> str:

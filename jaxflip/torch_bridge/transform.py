@@ -23,7 +23,8 @@ def transform_model(model: torch.nn.Module, rules: Mapping | RuleSet | BitflipCo
     ``apply_bitflip_rules`` does. A ``BitflipConfig`` brings its own seeds (independent
     per-layer ones with ``base_seed``): ``transform_model(model, read_bitflip_config(path))``
     flips as ``python -m jaxflip.eval --bitflip-config path`` does. A ``RuleTable`` already
-    matched to these layer names (``BitflipConfig.match``) is applied as it is."""
+    matched to these layer names (``BitflipConfig.match``) is applied as it is. The layers
+    flip exactly, unless a ``BitflipConfig`` says ``exact=False``."""
     linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     if isinstance(rules, RuleTable):
         table = rules
@@ -33,7 +34,7 @@ def transform_model(model: torch.nn.Module, rules: Mapping | RuleSet | BitflipCo
         table = match_rules(list(linears), rules, seed_mode, base_seed)
     for row in table:
         if row.flipped:
-            layer = RandomBitFlipLinear.from_linear(linears[row.layer])
+            layer = RandomBitFlipLinear.from_linear(linears[row.layer], exact=getattr(rules, "exact", True))
             layer.configure(row.x_flip, row.w_flip, row.seeds)
             model.set_submodule(row.layer, layer)
     return table

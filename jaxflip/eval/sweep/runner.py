@@ -99,8 +99,11 @@ def prepare_points(model, layer_names: Sequence[str], points: Sequence[SweepPoin
     and every Linear armed for everything any point flips (``arm_for_tables``), so that setting
     a point changes only run-time state: one compiled forward serves every point and seed, the
     clean one included (its tensors armed but off flip nothing and run no Philox)."""
+    modes = {point.config.exact for point in points}
+    if len(modes) > 1:
+        raise ValueError("sweep points mix exact and sampled flips (bitflip.exact); a sweep runs one mode")
     tables = {point.name: point.config.match(layer_names) for point in points}
-    arm_for_tables(model, tables.values())
+    arm_for_tables(model, tables.values(), exact=modes.pop() if modes else True)
     return tables
 
 
@@ -157,7 +160,7 @@ def run_points(model, windows: np.ndarray, batch_size: int, points: Sequence[Swe
                     progress.refresh()
                     continue
                 progress.set_postfix_str(point.name)
-                apply_rule_table(model, tables[point.name])  # the point's flips; seeds set per seed
+                apply_rule_table(model, tables[point.name], point.config.exact)  # its flips; seeds set per seed
                 for seed in missing:
                     # the seeds are run-time state, not part of the compiled program: a new seed never recompiles
                     set_starting_seeds(linears, dataclasses.replace(point.config, base_seed=seed).match(layer_names))
