@@ -165,7 +165,7 @@ def line_shape(line: str):
     order, or the text with every path and number replaced."""
     if line.startswith("{"):
         return tuple(json.loads(line))
-    return NUMBER.sub("#", re.sub(r"/\S+", "PATH", line))
+    return NUMBER.sub("#", re.sub(r"(?<!\S)/\S+", "PATH", line))  # a path starts a word: not tokens/s
 
 
 def distinct_shapes(lines) -> list:
