@@ -102,7 +102,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs,
     ``BitFlipLoRALinear`` wrapping it (as NewComputeBench does, the LM head keeps no adapter).
     Returns the names of the wrapped layers. On a terminal a transient bar counts the layers:
     under ``nnx.eval_shape`` (``--plan``) each costs more than the one before (jax pretty-prints
-    the trace so far at every write of ``rngs``' counter), minutes at 70B."""
+    the trace so far at every write of ``rngs``' counter): most of the 70B plan's minute."""
     wrapped = []
     for name, linear in tqdm(named_linears(model).items(), desc="LoRA adapters", unit="layer", disable=None,
                              leave=False):

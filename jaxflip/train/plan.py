@@ -254,7 +254,7 @@ def plan(config: TrainConfig, scenarios: list[Scenario], *, attention: str | Non
     if mem_fraction is None:
         mem_fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_DEFAULT_MEM_FRACTION))
     if training is None:
-        # said first: building the state's shapes is the slow part (LoRA at 70B: minutes on a CPU)
+        # said first: building the state's shapes is the slow part (70B LoRA: a minute on 2 CPU cores)
         print(f"plan: building the train state of {config.flavor} as shapes (nothing is allocated)", file=sys.stderr,
               flush=True)
         training = abstract_training(config)
