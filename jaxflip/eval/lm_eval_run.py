@@ -47,8 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=None,
                         help="context window for scoring (default: the model's max_position_embeddings)")
     parser.add_argument("--metadata", default=None, metavar="JSON",
-                        help="a JSON object of task arguments, as lm-eval's own --metadata: e.g. "
-                             "'{\"max_seq_lengths\": [4096]}' for RULER (lm-eval's advice to pass --metadata means this)")
+                        help="a JSON object of task arguments, as lm-eval's own --metadata (which its advice "
+                             "names): e.g. '{\"max_seq_lengths\": [4096]}' for RULER")
 
 
 def check_arguments(args) -> None:

@@ -129,7 +129,8 @@ from jaxflip.data import builtin_documents
 
 def load_dataset(**metadata):
     Path(metadata["record_to"]).write_text(json.dumps(metadata))
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"page": builtin_documents("validation")[:1]})})
+    pages = builtin_documents("validation")[:1]
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"page": pages})})
 """
 
 
