@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from tqdm import tqdm
 
 from jaxflip.bitflip.linear import LM_HEAD, BitFlipLinear, named_linears, replace_module
 from jaxflip.bitflip.seeds import SEED_NAMES
@@ -99,9 +100,12 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs,
              skip: tuple[str, ...] = (LM_HEAD,)) -> list[str]:
     """Replace every ``BitFlipLinear`` of ``model`` but those named in ``skip`` by a
     ``BitFlipLoRALinear`` wrapping it (as NewComputeBench does, the LM head keeps no adapter).
-    Returns the names of the wrapped layers."""
+    Returns the names of the wrapped layers. On a terminal a transient bar counts the layers:
+    under ``nnx.eval_shape`` (``--plan``) each costs more than the one before (jax pretty-prints
+    the trace so far at every write of ``rngs``' counter): most of the 70B plan's minute."""
     wrapped = []
-    for name, linear in named_linears(model).items():
+    for name, linear in tqdm(named_linears(model).items(), desc="LoRA adapters", unit="layer", disable=None,
+                             leave=False):
         if name in skip or isinstance(linear, BitFlipLoRALinear):
             continue
         replace_module(model, name, BitFlipLoRALinear.from_linear(linear, rank=rank, alpha=alpha, rngs=rngs))

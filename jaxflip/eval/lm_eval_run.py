@@ -8,6 +8,7 @@ takes seconds, and their data comes from the hub).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jaxflip.eval.model_io import open_model, open_tokenizer, resolve_bitflip
@@ -16,14 +17,16 @@ SHIPPED_TASKS = Path(__file__).parent / "tasks"
 BACKENDS = ("jax", "torch")
 
 
-def task_manager(tasks: list[str], include_paths: list[str]):
+def task_manager(tasks: list[str], include_paths: list[str], metadata: dict | None = None):
+    """lm-eval's task index: the shipped tasks and ``include_paths``, lm-eval's own too where a
+    task is not among them; ``metadata`` (``--metadata``) goes into every task's config."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(SHIPPED_TASKS), *include_paths]
-    local = TaskManager(include_path=paths, include_defaults=False)
+    local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
     if all(task in local.all_tasks for task in tasks):
         return local
-    everything = TaskManager(include_path=paths)
+    everything = TaskManager(include_path=paths, metadata=metadata)
     unknown = [task for task in tasks if task not in everything.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (shipped: {', '.join(local.all_tasks)}; "
@@ -43,6 +46,9 @@ def add_arguments(parser) -> None:
                         help="documents per task: a count, or a fraction when below 1")
     parser.add_argument("--max-length", type=int, default=None,
                         help="context window for scoring (default: the model's max_position_embeddings)")
+    parser.add_argument("--metadata", default=None, metavar="JSON",
+                        help="a JSON object of task arguments, as lm-eval's own --metadata (which its advice "
+                             "names): e.g. '{\"max_seq_lengths\": [4096]}' for RULER")
 
 
 def check_arguments(args) -> None:
@@ -60,6 +66,14 @@ def check_arguments(args) -> None:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
+    args.metadata_dict = None
+    if args.metadata is not None:
+        try:
+            args.metadata_dict = json.loads(args.metadata)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--metadata is not JSON ({error})") from None
+        if not isinstance(args.metadata_dict, dict):
+            raise ValueError(f"--metadata must be a JSON object of task arguments, got {args.metadata}")
 
 
 def language_model(args, model, tokenizer, bitflip):
@@ -89,7 +103,7 @@ def run(args) -> dict:
         from jaxflip.torch_bridge import leave_gpu_to_torch
 
         leave_gpu_to_torch()
-    manager = task_manager(args.task_list, args.include_path)
+    manager = task_manager(args.task_list, args.include_path, args.metadata_dict)
     # the torch backend hands the weights to torch through DLPack, which takes whole arrays only
     model, tokenizer_dir = open_model(args.checkpoint, dtype=args.dtype, shard=args.backend == "jax")
     tokenizer = open_tokenizer(args.tokenizer, tokenizer_dir, args.checkpoint)

@@ -17,19 +17,24 @@ from jaxflip.models.orbax_io import METADATA_FILE
 from jaxflip.models.sharding import make_mesh
 
 RUN_MODEL_DIR = "model"  # where a training run exports its model (jaxflip.train.loop.export_model)
-HF_CONFIG_FILE = "config.json"
+RUN_METRICS_FILE = "metrics.jsonl"  # what every training run folder holds from its first logged step
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
     """``checkpoint``, or the model of a training run folder (``runs/quickstart`` ->
-    ``runs/quickstart/model``, said in one line): a user passes the run folder they trained."""
+    ``runs/quickstart/model``, said in one line): a user passes the run folder they trained.
+    A run folder holds a ``config.json`` too (the training config, not an HF one), so its
+    ``model/`` decides; a run folder without one yet is a one-line error saying why."""
     folder = Path(checkpoint)
-    if (folder / METADATA_FILE).is_file() or (folder / HF_CONFIG_FILE).is_file():
+    if (folder / METADATA_FILE).is_file():
         return checkpoint
     model = folder / RUN_MODEL_DIR
     if (model / METADATA_FILE).is_file():
         print(f"note: {checkpoint} is a training run folder; evaluating its model {model}", file=sys.stderr)
         return str(model)
+    if (folder / RUN_METRICS_FILE).is_file():
+        raise ValueError(f"{checkpoint} is a training run folder without a model yet: the run writes {model} when "
+                         f"it finishes (run its training command again to finish it)")
     return checkpoint
 
 

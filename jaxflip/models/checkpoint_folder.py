@@ -20,11 +20,14 @@ class DestinationExistsError(FileExistsError):
         self.path = path
 
 
-def _umask_mode() -> int:
-    """The mode ``mkdir`` gives a new folder under the process's umask."""
+FOLDER_MODE, FILE_MODE = 0o777, 0o666  # what mkdir and open ask for, before the umask
+
+
+def umask_mode(requested: int) -> int:
+    """The mode a new folder (``FOLDER_MODE``) or file (``FILE_MODE``) gets under the process's umask."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o777 & ~umask
+    return requested & ~umask
 
 
 @contextlib.contextmanager
@@ -38,7 +41,7 @@ def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise DestinationExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    staging.chmod(_umask_mode())
+    staging.chmod(umask_mode(FOLDER_MODE))
     try:
         yield staging
         if path.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxflip.models.checkpoint_folder import FILE_MODE, umask_mode
 from jaxflip.models.tensor_io import BFLOAT16, ConversionError, TensorSource
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": BFLOAT16,
@@ -121,7 +122,9 @@ class SafetensorsShardWriter:
     def _write_shard(self) -> None:
         from safetensors.numpy import save_file
 
-        save_file(self.shard, self.folder / f"shard-{len(self.files)}.safetensors", metadata={"format": "pt"})
+        path = self.folder / f"shard-{len(self.files)}.safetensors"
+        save_file(self.shard, path, metadata={"format": "pt"})
+        path.chmod(umask_mode(FILE_MODE))  # safetensors writes its files private (0600), unlike every other file here
         self.files.append(list(self.shard))
         self.shard, self.shard_bytes = {}, 0
 

@@ -29,7 +29,7 @@ from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
 from jaxflip.train.checkpoint_manager import Checkpointer, remove_run_state
 from jaxflip.train.train_config import TrainConfig, resume_changes, to_dict
-from jaxflip.train.metrics import MetricsLogger, device_memory_gib, format_record
+from jaxflip.train.metrics import MetricsLogger, StepProgress, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
 from jaxflip.train.validation import Validator, due, format_validation
@@ -43,10 +43,12 @@ def derived_numbers(config: TrainConfig, device_count: int | None = None) -> dic
     params = param_count(get_flavor(config.flavor, **changes))
     global_batch = t.local_batch_size * devices
     tokens_per_step = global_batch * t.gradient_accumulation_steps * t.seq_len
+    # named apart: the tokens that training.steps train on, and the budget of token_scale x params
     derived = {"params": params, "devices": devices, "global_batch": global_batch,
-               "tokens_per_step": tokens_per_step, "total_tokens": tokens_per_step * t.steps}
+               "tokens_per_step": tokens_per_step, "tokens_in_training_steps": tokens_per_step * t.steps}
     if t.token_scale > 0:
-        derived["steps_for_token_budget"] = math.ceil(t.token_scale * params / tokens_per_step)
+        derived["token_budget"] = math.ceil(t.token_scale * params)
+        derived["steps_for_token_budget"] = math.ceil(derived["token_budget"] / tokens_per_step)
     return derived
 
 
@@ -184,22 +186,15 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                  if config.validation.eval_interval else None)
     logger = MetricsLogger(output_dir, tensorboard=config.metrics.tensorboard, wandb=wandb_settings(config))
     logger.truncate_after(start)
-    progress = None
-    if main_process and config.metrics.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def show(line: str) -> None:
-        """A log line on the main process, above the progress bar when there is one."""
-        if progress is not None:
-            progress.write(line)
-        elif main_process:
-            print(line, flush=True)
-
     if main_process:
         print(f"{trainable_param_count(state):,} trained parameters; {tokens_per_step:,} tokens per step; "
               f"mesh {dict(mesh.shape)}", flush=True)
+    progress = StepProgress(t.steps, enabled=main_process and config.metrics.progress_bar)
+
+    def show(line: str) -> None:
+        """A log line on the main process, above the progress bar when there is one."""
+        if main_process:
+            progress.write(line)
 
     step, last_log_step, last_log_time = start, start, time.perf_counter()
     record = summary_validation = None
@@ -211,8 +206,7 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 batch = jax.make_array_from_callback(global_shape, batch_shard, lambda index: rows[index])
                 state, metrics = train_step(state, batch)
                 step += 1
-                if progress is not None:
-                    progress.update(1)
+                progress.step(step)
                 saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
                 first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
                 log_step = first or step % t.log_freq == 0 or step == t.steps or stop.requested
@@ -256,15 +250,17 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
             checkpointer.wait()
     finally:
         stream.close()
-        if progress is not None:
-            progress.close()
+        progress.close()
         logger.close()
         if checkpointer:
             checkpointer.close()
 
     finished = step >= t.steps
+    if main_process and start >= t.steps:
+        print(f"already finished: the checkpoint is at step {start} of training.steps {t.steps}; nothing to train "
+              f"(raise --training.steps to train on, or --job.start_over true to start again)", flush=True)
     summary = {"output_dir": str(output_dir.absolute()), "step": step, "finished": finished,
-               "loss": None if record is None else record["loss"]}
+               "loss": logger.last_loss() if record is None else record["loss"]}
     if summary_validation is not None:
         summary["val_loss"] = summary_validation["val_loss"]
     if finished and config.checkpoint.export_model:

@@ -4,6 +4,7 @@ and a loss-curve PNG at the end. Only process 0 writes."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +16,40 @@ def device_memory_gib() -> float | None:
     if not stats:
         return None
     return stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)) / 2**30
+
+
+class StepProgress:
+    """The training steps' progress bar (on a terminal only: a redirected or piped run prints
+    its log lines and nothing else) and the writer of those lines, which go above the bar.
+    The bar starts after the run's first step, which compiles the step: its rate and ETA count
+    compiled steps only."""
+
+    def __init__(self, total: int, *, enabled: bool, file=None):
+        self.total = total
+        self.file = sys.stderr if file is None else file
+        self.enabled = enabled and self.file.isatty()
+        self.bar = None
+
+    def step(self, step: int) -> None:
+        """``step`` has run: the bar starts there (the run's first step) or moves on by one."""
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                            file=self.file)
+
+    def write(self, line: str) -> None:
+        """A log line on stdout: above the bar (tqdm clears and redraws it), never glued to it."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _record_step(line: str) -> int | None:
@@ -65,6 +100,15 @@ class MetricsLogger:
         kept = [line for line in self.path.read_text().splitlines()
                 if (logged := _record_step(line)) is not None and logged <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def last_loss(self) -> float | None:
+        """The training loss of the last step logged in ``metrics.jsonl`` (by this run or the
+        one it resumed), None if none was."""
+        if not self.enabled or not self.path.is_file():
+            return None
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if _record_step(line) is not None]
+        losses = [record["loss"] for record in records if "loss" in record]
+        return losses[-1] if losses else None
 
     def log(self, record: dict) -> None:
         if not self.enabled:

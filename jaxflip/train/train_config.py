@@ -122,7 +122,7 @@ class CheckpointConfig:
 class MetricsConfig:
     tensorboard: bool = True
     plot: bool = True  # loss curve PNG at the end
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal only (stderr), from the end of the first step: metrics.StepProgress
     wandb: bool = False  # log to Weights & Biases too (pip install wandb; WANDB_MODE=offline works offline)
     wandb_project: str = "jaxflip"
 

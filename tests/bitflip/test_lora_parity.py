@@ -2,13 +2,17 @@
 (``BitFlipLinearLora``: y = flip(x) @ flip(W + (B @ A) * alpha / r)^T + b, flips by
 mase-triton's ``random_bitflip_fn``), plus its init, trainable set and merging."""
 
+import io
 import math
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
 import mase_reference
 import numpy as np
 import optax
+import pytest
 import torch
 from flax import nnx
 
@@ -162,3 +166,24 @@ def test_add_and_merge_lora_on_a_model():
     assert not jax.tree.leaves(nnx.state(model, LoRAParam))
     np.testing.assert_allclose(model(tokens), lora_logits, rtol=1e-6, atol=1e-6)
     assert not np.allclose(lora_logits, base_logits)
+
+
+class Terminal(io.StringIO):
+    """A file that says it is a terminal, as stderr is in a shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_adding_adapters_counts_the_layers_on_a_terminal_only(terminal, monkeypatch):
+    layers = int(np.random.default_rng().integers(1, 4))
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    add_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    linears = 7 * layers + 1  # the LM head is counted, and keeps no adapter
+    assert bool(re.search(rf"LoRA adapters: .* 0/{linears} \[", stderr.getvalue())) == terminal
+    assert terminal or stderr.getvalue() == ""

@@ -106,3 +106,52 @@ def test_requests_of_many_lengths_compile_one_program_per_length_bucket():
     with CompileCount() as compiles:
         ours.loglikelihood(batch, disable_tqdm=True)
     assert compiles.of("_score") == 1, compiles
+
+
+RECORDING_TASK_YAML = """
+task: recorded_metadata
+custom_dataset: !function recording_docs.load_dataset
+output_type: loglikelihood_rolling
+validation_split: validation
+doc_to_text: ""
+doc_to_target: "{{page}}"
+metric_list:
+  - metric: word_perplexity
+"""
+RECORDING_DOCS = """
+import json
+from pathlib import Path
+
+import datasets
+
+from jaxflip.data import builtin_documents
+
+
+def load_dataset(**metadata):
+    Path(metadata["record_to"]).write_text(json.dumps(metadata))
+    pages = builtin_documents("validation")[:1]
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"page": pages})})
+"""
+
+
+def test_metadata_reaches_the_tasks_dataset_as_lm_evals_own_option_passes_it(checkpoint, tmp_path):
+    """What lm-eval's advice to pass ``--metadata`` asks for: the task's dataset function gets it."""
+    path, _ = checkpoint
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "recorded_metadata.yaml").write_text(RECORDING_TASK_YAML)
+    (tasks / "recording_docs.py").write_text(RECORDING_DOCS)
+    metadata = {"record_to": str(tmp_path / "metadata.json"),
+                "max_seq_lengths": [int(np.random.default_rng().integers(1, 10**6))]}
+    assert main(["lm-eval", "--checkpoint", path, "--tasks", "recorded_metadata", "--include-path", str(tasks),
+                 "--limit", "1", "--max-length", "16", "--metadata", json.dumps(metadata)]) == 0
+    assert json.loads((tmp_path / "metadata.json").read_text()).items() >= metadata.items()
+
+
+@pytest.mark.parametrize("metadata, message", [("{max_seq_lengths: 1}", "--metadata is not JSON"),
+                                               ("[4096]", "--metadata must be a JSON object of task arguments")])
+def test_metadata_that_is_not_a_json_object_is_one_line_and_exit_2(checkpoint, capsys, metadata, message):
+    path, _ = checkpoint
+    assert main(["lm-eval", "--checkpoint", path, "--tasks", "moby_dick", "--metadata", metadata]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mase_triton.random_bitflip.layers import RandomBitFlipLinear as MaseLinear
+from tiny_models import as_training_run
 
 from jaxflip.bitflip import calculate_flip_probability, match_rules
 from jaxflip.bitflip.rules_file import load_bitflip_config
@@ -103,7 +104,7 @@ def test_a_training_run_folder_is_evaluated_through_its_model(checkpoint, tmp_pa
     """``--checkpoint runs/NAME`` (the folder a user trained into) evaluates ``runs/NAME/model``,
     said in one line, with the numbers of the model folder itself."""
     path, _ = checkpoint
-    run_folder = str(Path(path).parent)
+    run_folder = str(as_training_run(Path(path).parent))
     assert Path(path).name == "model" and not (Path(run_folder) / "jaxflip_model.json").exists()
     via_run = run_ppl(run_folder, tmp_path)
     assert f"note: {run_folder} is a training run folder; evaluating its model {path}" in capsys.readouterr().err

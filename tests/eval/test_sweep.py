@@ -14,6 +14,7 @@ from jaxflip.bitflip import BitflipConfig, find_nearest_prob_n_halves
 from jaxflip.compile_count import CompileCount
 from jaxflip.eval.__main__ import main
 from jaxflip.eval.sweep import points as sweep_points
+from jaxflip.eval.sweep import report as sweep_report
 from jaxflip.eval.sweep import runner
 
 SEQ_LEN, SEQUENCES, BATCH = 32, 4, 2
@@ -224,3 +225,39 @@ def test_each_points_sample_is_the_generate_command_under_its_first_seed(swept, 
         assert f"{row['name']}: {json.dumps(prompt + row['samples'][prompt], ensure_ascii=False)}" in printed
     # an exponent flip in 1 of 16 inputs of layer 1's MLP changes a random model's greedy tokens
     assert payload["points"][0]["samples"] != payload["points"][1]["samples"]
+
+
+def test_a_rerun_says_how_many_points_and_evaluations_it_reused(swept, tmp_path, capsys):
+    """A fresh sweep says nothing of reuse; a rerun with one more seed names the points it
+    found and the evaluations it did not run again."""
+    _, path, base, _ = swept
+    seeds = int(np.random.default_rng().integers(1, 3))
+    first = run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", str(seeds))
+    assert "resumed:" not in capsys.readouterr().out
+    run_sweep(path, base, tmp_path / "out", "--grid", GRID, "--seeds", str(seeds + 1))
+    points = len(first["points"])
+    evaluations = sum(row["seeds"] for row in first["points"])
+    assert (f"resumed: {points} of {points} points found in {tmp_path / 'out' / 'points'}, {evaluations} evaluations "
+            f"reused") in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("spread", [1.01, 1000.0])
+def test_the_perplexity_axis_is_labelled_with_plain_numbers(spread):
+    """Perplexities within 1% (a linear axis) or over three decades (a log axis): every y tick
+    label reads as a plain number, never as matplotlib's 7.364x10^2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng()
+    clean = float(rng.uniform(50, 5000))
+    values = clean * spread ** rng.uniform(0, 1, 8)
+    figure, axis = plt.subplots()
+    axis.plot(np.arange(len(values)), values)
+    sweep_report.perplexity_axis(axis, [clean, *values])
+    figure.canvas.draw()
+    labels = [label.get_text() for minor in (False, True) for label in axis.get_yticklabels(minor=minor)
+              if label.get_text()]
+    plt.close(figure)
+    assert labels and all(re.fullmatch(r"[0-9,]+(\.[0-9]+)?", label) for label in labels), labels

@@ -1,5 +1,6 @@
 """metrics.jsonl on resume, the loss plot, the W&B backend."""
 
+import io
 import json
 import re
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxflip.train.__main__ import main
-from jaxflip.train.metrics import MetricsLogger
+from jaxflip.train.metrics import MetricsLogger, StepProgress
 
 
 def test_resume_drops_later_steps_and_a_line_cut_short_by_a_kill(tmp_path):
@@ -95,3 +96,41 @@ def test_wandb_asked_for_but_not_installed_is_one_line_and_status_1(tmp_path, ca
     assert code == 1
     assert error == ("error: metrics.wandb: the wandb package is not installed (pip install wandb, or set "
                      "metrics.wandb false)\n")
+
+
+class Terminal(io.StringIO):
+    """A file that says it is a terminal, as stderr is in a shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def log_lines(progress: StepProgress, first: int, last: int) -> list[str]:
+    """Steps ``first`` to ``last`` as the loop reports them, each with a log line."""
+    lines = [f"step {step}  loss {np.random.default_rng().uniform(1, 9):.4f}" for step in range(first, last + 1)]
+    for step, line in enumerate(lines, first):
+        progress.step(step)
+        progress.write(line)
+    progress.close()
+    return lines
+
+
+def test_without_a_terminal_there_is_no_bar_only_the_log_lines(capsys):
+    total = int(np.random.default_rng().integers(2, 30))
+    lines = log_lines(StepProgress(total, enabled=True), 1, total)  # stderr: pytest's capture, not a terminal
+    out, err = capsys.readouterr()
+    assert out.splitlines() == lines and err == ""
+
+
+def test_on_a_terminal_the_bar_starts_at_the_runs_first_step_and_lines_go_whole_to_stdout(capsys):
+    """The bar starts once the run's first step (which compiles) is done, at that step (after a
+    resume too), with no time elapsed; the log lines reach stdout whole, none on the bar's file."""
+    rng = np.random.default_rng()
+    total = int(rng.integers(5, 50))
+    start = int(rng.integers(0, total - 1))  # the step a resumed run starts from
+    terminal = Terminal()
+    lines = log_lines(StepProgress(total, enabled=True, file=terminal), start + 1, total)
+    assert capsys.readouterr().out.splitlines() == lines
+    frames = [frame for frame in re.split(r"[\r\n]", terminal.getvalue()) if "train:" in frame]
+    assert f" {start + 1}/{total} [00:00<" in frames[0] and f" {total}/{total} " in frames[-1]
+    assert not any("loss" in frame for frame in frames)

@@ -57,3 +57,11 @@ def test_the_largest_micro_batch_is_the_largest_that_fits(tiny_job):
 def test_a_bad_scenario_is_one_line_error_and_exit_2(capsys):
     assert main(["--plan", "2xbig"]) == 2
     assert capsys.readouterr().err.strip() == "error: --plan: expected GPUSxGB entries such as 2x141,4x80, got '2xbig'"
+
+
+def test_the_plan_says_first_that_it_builds_the_train_states_shapes(capsys):
+    """Said before the slow part (building the state's shapes), so the plan is never silent."""
+    gb = int(np.random.default_rng().integers(8, 200))
+    assert main(["--plan", f"1x{gb}"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("plan: building the train state of aixsim-debug as shapes") and f"1x{gb}" in out

@@ -1,10 +1,17 @@
 """Whole runs: resume after an interruption, LoRA keeps its base, the quickstart learns."""
 
+import dataclasses
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import jax
@@ -87,27 +94,117 @@ def test_lora_trains_the_adapters_and_leaves_the_base_bit_identical(tiny_job):
     assert b_factors and all(np.abs(b).max() > 0 for b in b_factors)
 
 
-def test_quickstart_config_runs_and_its_loss_falls(tmp_path):
-    """The README's main job, as a user runs it (one CPU device, no compilation cache), cut to
-    40 steps (validation, which compiles a forward of its own, is tested in test_validation.py)."""
-    out = tmp_path / "quickstart"
+@dataclasses.dataclass(frozen=True)
+class Quickstart:
+    output_dir: Path
+    stdout: str
+    terminal: str  # what reached the terminal that was stderr: the progress bar
+
+
+QUICKSTART_STEPS, QUICKSTART_LOG_FREQ = 40, 5
+
+
+def terminal_output(read_fd: int, chunks: list[bytes]) -> None:
+    """Read a pseudo-terminal until every writer has closed it (then Linux raises EIO)."""
+    while True:
+        try:
+            chunk = os.read(read_fd, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        chunks.append(chunk)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> Quickstart:
+    """The README's main job as a user runs it (``python -m jaxflip.train``: one CPU device, no
+    compilation cache), cut to 40 steps, its stdout piped and its stderr a terminal (80
+    columns) as in a shell's ``> log`` (validation, which compiles a forward of its own, is
+    tested in test_validation.py)."""
+    out = tmp_path_factory.mktemp("quickstart") / "quickstart"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAXFLIP_COMPILATION_CACHE": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxflip.train", "--config", "configs/quickstart.toml", "--job.output_dir", str(out),
-         "--training.steps", "40", "--training.log_freq", "5", "--metrics.progress_bar", "false"],
-        env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxflip.train", "--job.output_dir", str(out),
+         "--training.steps", str(QUICKSTART_STEPS), "--training.log_freq", str(QUICKSTART_LOG_FREQ)],
+        env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    os.close(stderr)
+    chunks = []
+    reader = threading.Thread(target=terminal_output, args=(terminal, chunks))
+    reader.start()
+    stdout, _ = process.communicate(timeout=900)
+    reader.join()
+    os.close(terminal)
+    text = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    return Quickstart(out, stdout, text)
+
+
+def test_quickstart_config_runs_and_its_loss_falls(quickstart):
+    out = quickstart.output_dir
     curve = losses(out)
-    assert len(curve) == 9  # step 1, then every 5th
+    assert len(curve) == QUICKSTART_STEPS // QUICKSTART_LOG_FREQ + 1  # step 1, then every 5th
     assert abs(curve[0] - np.log(4096)) < 0.3  # a random init predicts the 4096 tokens about uniformly
     assert np.mean(curve[-2:]) < curve[0] - 0.5
     first, second = records(out)[:2]
     # the first step compiles: its time is reported apart and kept out of the throughput
     assert first["step"] == 1 and first["tokens_per_s"] is None and first["first_step_s"] > 0
-    assert "XLA compilation included" in result.stdout
+    assert "XLA compilation included" in quickstart.stdout
     assert second["step"] == 5 and 4 * 512 / second["tokens_per_s"] < first["first_step_s"]
     assert (out / "loss.png").is_file() and (out / "model" / "jaxflip_model.json").is_file()
     assert json.loads((out / "config.json").read_text())["derived"]["devices"] == 1
+
+
+NUMBER = re.compile(r"-?[0-9][0-9,]*(\.[0-9]+)?(e[-+]?[0-9]+)?")
+
+
+def line_shape(line: str):
+    """What a printed line says, without its numbers and paths: the JSON summary's keys in
+    order, or the text with every path and number replaced."""
+    if line.startswith("{"):
+        return tuple(json.loads(line))
+    return NUMBER.sub("#", re.sub(r"(?<!\S)/\S+", "PATH", line))  # a path starts a word: not tokens/s
+
+
+def distinct_shapes(lines) -> list:
+    """The shapes of ``lines`` with each run of one shape (the logged steps) counted once."""
+    shapes = [line_shape(line) for line in lines]
+    return [shape for i, shape in enumerate(shapes) if i == 0 or shape != shapes[i - 1]]
+
+
+def readme_sample() -> list[str]:
+    """The lines of the README's block under "What the main job prints", but its "..."."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### What the main job prints"):]
+    block = section[section.index("```\n") + 4:]
+    return [line for line in block[:block.index("```")].splitlines() if line != "..."]
+
+
+def test_the_quickstart_prints_the_lines_of_the_readmes_sample(quickstart):
+    """The same lines in the same order, each with the README's prefixes and fields (numbers
+    and paths aside), and nothing else on stdout: no progress-bar text glued to a line."""
+    assert distinct_shapes(quickstart.stdout.splitlines()) == distinct_shapes(readme_sample())
+
+
+def test_the_bar_reaches_the_terminal_not_stdout_and_starts_after_the_compiling_step(quickstart):
+    """stdout (piped) holds log lines only; the bar goes to the terminal, starting at step 1 with
+    no time elapsed: the step that compiled is counted out of its rate and ETA."""
+    assert not re.search(r"step/s|\d+/\d+ \[|it/s", quickstart.stdout)
+    frames = [frame for frame in re.split(r"[\r\n]", quickstart.terminal) if "train:" in frame]
+    assert frames and f" 1/{QUICKSTART_STEPS} [00:00<" in frames[0], frames[:2]
+    assert not any(f" 0/{QUICKSTART_STEPS} " in frame for frame in frames)
+
+
+def test_rerunning_a_finished_run_says_so_and_reports_its_last_logged_loss(tiny_job, capsys):
+    config = tiny_job()
+    first = run(config)
+    capsys.readouterr()
+    again = run(config)
+    assert (f"already finished: the checkpoint is at step {first['step']} of training.steps {first['step']}"
+            in capsys.readouterr().out)
+    assert again["loss"] == first["loss"] == losses(Path(config.job.output_dir))[-1]
 
 
 def test_lora_from_hf_weights_in_bfloat16(tiny_job, tmp_path):

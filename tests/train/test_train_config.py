@@ -82,6 +82,17 @@ def test_token_budget_steps_are_derived(tmp_path, capsys):
     assert derived["steps_for_token_budget"] == math.ceil(22 * derived["params"] / derived["tokens_per_step"])
 
 
+def test_print_config_names_the_tokens_of_the_steps_apart_from_the_token_budget(capsys):
+    """``tokens_in_training_steps`` follows ``--training.steps``; ``token_budget`` (token_scale x
+    params, which ``steps_for_token_budget`` covers) does not."""
+    steps = int(np.random.default_rng().integers(1, 10_000))
+    assert main(["--config", "configs/aixsim-60M.toml", "--print-config", "--parallelism.fsdp_degree", "-1",
+                 "--training.steps", str(steps)]) == 0
+    derived = json.loads(capsys.readouterr().out)["derived"]
+    assert derived["tokens_in_training_steps"] == steps * derived["tokens_per_step"]
+    assert derived["token_budget"] == math.ceil(22 * derived["params"])
+
+
 @pytest.mark.parametrize("override, message", [
     (["--training.stepz", "3"], "training.stepz: unknown field"),
     (["--bitflip.w_p_exp", "1.5"], "bitflip.w_p_exp must be a probability in (0, 1)"),

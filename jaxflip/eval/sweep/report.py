@@ -129,8 +129,10 @@ def plot(rows: Sequence[dict], per_layer: bool) -> bytes:
                 axis.set_xscale("log", base=2)  # the kernel's probabilities are powers of 1/2
             elif min(values) > 0:
                 axis.set_xscale("log")
-            axis.set(yscale="log",
-                     xlabel="flip probability" if probability else panel[0], ylabel="perplexity",
+            perplexity_axis(axis, [row["perplexity_mean"] + sign * (row["perplexity_ci95"] or 0)
+                                   for component in panel for row in curves[component] for sign in (-1, 1)]
+                            + ([clean["perplexity_mean"]] if clean is not None else []))
+            axis.set(xlabel="flip probability" if probability else panel[0], ylabel="perplexity",
                      title=f"perplexity, mean and {CONFIDENCE:.0%} CI over {seed_counts(flipped)} seeds")
             axis.legend()
     figure.tight_layout()
@@ -138,6 +140,21 @@ def plot(rows: Sequence[dict], per_layer: bool) -> bytes:
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def perplexity_axis(axis, values: Sequence[float]) -> None:
+    """The y axis of ``values`` (perplexities) with plain tick labels (736, not matplotlib's
+    7.36x10^2 on a log axis): linear while the finite values stay within a factor 10, else
+    logarithmic, labelled at its powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    finite = [value for value in values if math.isfinite(value) and value > 0]
+    if finite and max(finite) > 10 * min(finite):
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.10g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        axis.ticklabel_format(axis="y", style="plain", useOffset=False)
 
 
 def _heatmap(plt, rows: Sequence[dict]):

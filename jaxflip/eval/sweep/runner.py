@@ -145,6 +145,11 @@ def run_points(model, windows: np.ndarray, batch_size: int, points: Sequence[Swe
     def unheld(point: SweepPoint) -> int:
         return sum(str(seed) not in records[point.name]["seeds"] for seed in point_seeds(point, seeds))
 
+    reused = {point.name: len(point_seeds(point, seeds)) - unheld(point) for point in points}
+    if any(reused.values()):  # a rerun over the same folder: say what it does not compute again
+        print(f"resumed: {sum(map(bool, reused.values()))} of {len(points)} points found in {store.folder}, "
+              f"{sum(reused.values())} evaluations reused", flush=True)
+
     # at most every seed not held yet; a point that stops early takes its rest off the total
     with tqdm(total=sum(map(unheld, points)), desc="sweep", unit="eval") as progress:
         pending = list(points)
