@@ -34,7 +34,9 @@ def flat_values(state) -> dict:
     return {path: np.asarray(variable.get_value()) for path, variable in nnx.to_flat_state(state)}
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
+# "dots" is slow-only: the remat policy wraps the same scanned body (tests/train/test_step.py runs
+# remat policies through whole steps)
+@pytest.mark.parametrize("remat", ["none", pytest.param("dots", marks=pytest.mark.slow)])
 def test_scanned_layers_give_the_losses_gradients_and_flips_of_the_loop(remat):
     unrolled = flipped_model()
     start = flat_values(nnx.state(unrolled, BitflipSeed))

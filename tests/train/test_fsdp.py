@@ -61,7 +61,8 @@ def test_fsdp_step_moves_about_three_times_the_parameters(tiny_job, bitflip):
     assert sum(moved.values()) <= FSDP_BUDGET * param_bytes, dict(moved)
 
 
-@pytest.mark.parametrize("dp, fsdp", [(1, 4), (2, 2)])
+# (1, 4) is slow-only: (2, 2) already splits the batch and the weights, in half the CI time
+@pytest.mark.parametrize("dp, fsdp", [pytest.param(1, 4, marks=pytest.mark.slow), (2, 2)])
 def test_sharded_steps_give_the_one_device_losses(tiny_job, dp, fsdp):
     """Same global batch, same flips (keyed on global indices): same losses and seeds."""
     config = tiny_job(training={"gradient_accumulation_steps": 2, "local_batch_size": 2})
