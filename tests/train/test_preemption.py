@@ -1,0 +1,93 @@
+"""Preemption and concurrent runs: a signal at any moment says a checkpoint that exists (and the
+next run resumes from it), a setup that fails leaves the old run, one run per output_dir."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxflip
+from jaxflip.train.__main__ import main
+from jaxflip.train.checkpoint_manager import resume_step
+from jaxflip.train.loop import run
+from jaxflip.train.run_lock import LOCK_FILE
+from jaxflip.train.train_config import to_dict
+
+
+def tree_bytes(folder: Path) -> dict:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_signal_during_a_log_step_saves_the_step_the_run_claims(tiny_job, tmp_path):
+    """The signal comes while the step is logged, after the step decided not to save (the loss
+    fetched): the run used to stop there claiming a checkpoint it never wrote."""
+    signal_step = int(np.random.default_rng().integers(2, 5))  # save_freq 5: never a save step
+    config = tiny_job(training={"steps": 8, "save_freq": 5, "log_freq": 1}, bitflip={"enable": False})
+
+    def terminate(step, record):
+        if step == signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = run(config, on_step=terminate)
+    assert not summary["finished"]
+    assert summary["resumes_from"] == summary["step"] == resume_step(tmp_path / "run")
+
+
+def train_process(config_path: Path, cache_dir: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]), "JAXFLIP_COMPILATION_CACHE": str(cache_dir),
+                        "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "jaxflip.train", "--config", str(config_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def claimed_checkpoint(output: str) -> int | None:
+    """The checkpoint step a stopped run says the next run resumes from (None: from step 0)."""
+    if "no checkpoint is saved" in output:
+        return None
+    match = re.search(r"stopped at step (\d+) with a checkpoint|resumes from checkpoint step (\d+)", output)
+    assert match, output[-3000:]
+    return int(match.group(1) or match.group(2))
+
+
+MOMENTS = {
+    "compiling": lambda line: "tokens per step" in line,  # the first step compiles next
+    "after a log line": lambda line: re.match(r"step [23] ", line) is not None,
+    "exporting": lambda line: line.startswith("exporting the model"),
+}
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_sigterm_at_any_moment_names_a_checkpoint_that_exists_and_the_rerun_resumes_from_it(tiny_job, tmp_path,
+                                                                                             moment):
+    config = tiny_job(training={"steps": 6, "save_freq": 4, "log_freq": 1}, bitflip={"enable": False},
+                      checkpoint={"async_save": True})
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    process = train_process(config_path, tmp_path / "xla")
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if MOMENTS[moment](line):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + process.communicate(timeout=300)[0]
+    assert "Traceback" not in output, output[-3000:]
+    summary = next((json.loads(line) for line in output.splitlines() if line.startswith("{")), None)
+    if summary is not None and summary["finished"]:  # the signal came after the last decision to stop
+        assert process.returncode == 0 and (tmp_path / "run" / "model").is_dir()
+        return
+    claimed = claimed_checkpoint(output)
+    if claimed is not None:
+        assert (tmp_path / "run" / "checkpoints" / str(claimed)).is_dir()
+    rerun = train_process(config_path, tmp_path / "xla")
+    rerun_output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, rerun_output[-3000:]
+    assert (f"resumed from step {claimed}" in rerun_output) == (claimed is not None), rerun_output[-3000:]
