@@ -91,3 +91,78 @@ def test_sigterm_at_any_moment_names_a_checkpoint_that_exists_and_the_rerun_resu
     rerun_output = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, rerun_output[-3000:]
     assert (f"resumed from step {claimed}" in rerun_output) == (claimed is not None), rerun_output[-3000:]
+
+
+def config_file(config, tmp_path) -> str:
+    path = tmp_path / f"job-{np.random.default_rng().integers(1 << 30)}.yaml"
+    path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    return str(path)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_start_over_with_a_failing_setup_keeps_the_old_run(tiny_job, tmp_path, capsys):
+    config = tiny_job(training={"steps": 2, "save_freq": 2}, bitflip={"enable": False})
+    assert run(config)["finished"]
+    before = tree_bytes(tmp_path / "run")
+    capsys.readouterr()
+    status = main(["--config", config_file(config, tmp_path), "--job.start_over", "true",
+                   "--data.dataset", str(tmp_path / "absent.txt")])
+    assert status == 2
+    assert "absent.txt" in one_error_line(capsys)
+    assert tree_bytes(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("where", ["output_dir", "under output_dir's parent", "checkpoints", "model"])
+def test_a_file_where_the_run_keeps_a_folder_is_refused_up_front(tiny_job, tmp_path, capsys, where):
+    output_dir = tmp_path / "run"
+    blocker = {"output_dir": output_dir, "under output_dir's parent": tmp_path / "parent",
+               "checkpoints": output_dir / "checkpoints", "model": output_dir / "model"}[where]
+    if where == "under output_dir's parent":
+        output_dir = blocker / "run"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(np.random.default_rng().bytes(16))
+    before = tree_bytes(tmp_path)
+    config = tiny_job(job={"output_dir": str(output_dir)})
+    start = time.perf_counter()
+    assert main(["--config", config_file(config, tmp_path)]) == 2
+    assert str(blocker) in one_error_line(capsys)
+    assert time.perf_counter() - start < 30  # before the model is built
+    assert {k: v for k, v in tree_bytes(tmp_path).items() if not k.startswith("job-")} == before
+
+
+def test_a_second_run_of_the_same_output_dir_is_refused_in_one_line(tiny_job, tmp_path, capsys):
+    from jaxflip.train.run_lock import RunLock
+
+    config = tiny_job()
+    (tmp_path / "run").mkdir()
+    with RunLock(tmp_path / "run"):
+        before = tree_bytes(tmp_path / "run")
+        assert main(["--config", config_file(config, tmp_path)]) == 2
+        assert f"process {os.getpid()}" in one_error_line(capsys)
+        assert tree_bytes(tmp_path / "run") == before
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_line(tiny_job, tmp_path, capsys):
+    config = tiny_job(training={"steps": 1}, bitflip={"enable": False})
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text(f"process {killed.pid} on this host\n")
+    assert run(config)["finished"]
+    assert f"left by a run that is gone (process {killed.pid} on this host); taking it over" in capsys.readouterr().out
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_run_whose_setup_fails_leaves_no_output_dir_it_created(tiny_job, tmp_path, capsys):
+    (tmp_path / "binary.txt").write_bytes(b"\xff" + np.random.default_rng().bytes(999))  # not UTF-8
+    config = tiny_job(data={"dataset": str(tmp_path / "binary.txt")})
+    assert main(["--config", config_file(config, tmp_path)]) == 2
+    assert "binary.txt: not a readable text dataset" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
