@@ -28,6 +28,12 @@ def exit_status(error: BaseException) -> int:
     return 1 if isinstance(error, OSError) or os_error_code(error) is not None else 2
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as ``Type: first line of its message``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class _ReportedOSFaults(logging.Filter):
     """Drops the records whose exception is an OS fault (Orbax logs one from each thread of a
     save that failed, asyncio one for each of its tasks that nobody awaited any more): the one

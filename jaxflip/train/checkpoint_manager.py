@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxflip.cli import os_error_code, quiet_reported_os_faults
+from jaxflip.cli import one_line, os_error_code, quiet_reported_os_faults
 from jaxflip.train.step import TrainState
 
 DATA_STATE_FILE = "stream.json"
@@ -231,12 +231,6 @@ def resume_step(output_dir: Path) -> int | None:
     checkpoints = Path(output_dir) / "checkpoints"
     steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
     return max((step for step in steps if data_state_path(Path(output_dir) / "data_state", step)), default=None)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as ``Type: first line of its message``."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def remove_run_state(output_dir: Path) -> None:
