@@ -13,11 +13,12 @@ BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADi
 
 def os_error_code(error: BaseException) -> int | None:
     """The errno of an OS fault: an ``OSError``'s, or the one tensorstore (Orbax's writer)
-    puts in its ``ValueError`` message (``... No space left on device [os_error_code='28']``)."""
+    puts in its ``ValueError`` message (``... No space left on device [os_error_code='28']``),
+    or safetensors in its ``SafetensorError``'s (``... No space left on device (os error 28)``)."""
     if isinstance(error, OSError):
         return error.errno
-    match = re.search(r"os_error_code='(\d+)'", str(error))
-    return int(match.group(1)) if match else None
+    match = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(error))
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def exit_status(error: BaseException) -> int:

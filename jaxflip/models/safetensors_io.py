@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxflip.cli import os_error_code
 from jaxflip.models.tensor_io import BFLOAT16, ConversionError, TensorSource
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": BFLOAT16,
@@ -119,9 +120,17 @@ class SafetensorsShardWriter:
         self.total_bytes += array.nbytes
 
     def _write_shard(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
-        save_file(self.shard, self.folder / f"shard-{len(self.files)}.safetensors", metadata={"format": "pt"})
+        path = self.folder / f"shard-{len(self.files)}.safetensors"
+        try:
+            save_file(self.shard, path, metadata={"format": "pt"})
+        except SafetensorError as error:  # an OS fault inside its message: "... (os error 28)"
+            code = os_error_code(error)
+            if code is None:
+                raise
+            raise OSError(code, f"{os.strerror(code)}: writing {path}") from None
         self.files.append(list(self.shard))
         self.shard, self.shard_bytes = {}, 0
 
