@@ -166,3 +166,33 @@ def test_a_run_whose_setup_fails_leaves_no_output_dir_it_created(tiny_job, tmp_p
     assert main(["--config", config_file(config, tmp_path)]) == 2
     assert "binary.txt: not a readable text dataset" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_signal_stops_at_once_in_one_line_naming_the_checkpoint_kept(tiny_job, tmp_path):
+    """Ctrl-C twice: the second stops without saving (no traceback); the one line names the
+    checkpoint that is on disk, and the rerun resumes from it."""
+    config = tiny_job(training={"steps": 40, "save_freq": 2, "log_freq": 1}, bitflip={"enable": False})
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    process = train_process(config_path, tmp_path / "xla")
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 3 "):
+            process.send_signal(signal.SIGINT)
+        if line.startswith("received SIGINT"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + process.communicate(timeout=300)[0]
+    assert process.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted; "), output[-3000:]
+    claimed = claimed_checkpoint(errors[0])
+    assert claimed is not None and (tmp_path / "run" / "checkpoints" / str(claimed)).is_dir()
+    rerun = subprocess.run([sys.executable, "-m", "jaxflip.train", "--config", str(config_path),
+                            "--training.steps", str(claimed + 1)], env=os.environ | {
+        "PYTHONPATH": str(Path(jaxflip.__file__).parents[1]), "JAXFLIP_COMPILATION_CACHE": str(tmp_path / "xla")},
+        capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {claimed}" in rerun.stdout
