@@ -168,12 +168,12 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
             return _run(config, output_dir, on_step)
         with RunLock(output_dir):
             return _run(config, output_dir, on_step)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {resume_note(output_dir)}") from None
-    except BaseException:
-        if created and main_process and not any((output_dir / name).exists() for name in ("checkpoints", "model",
-                                                                                          "metrics.jsonl")):
-            shutil.rmtree(output_dir, ignore_errors=True)  # nothing of the run in it (config.json at most)
+    except BaseException as error:
+        if created and main_process and resume_step(output_dir) is None and not any(
+                (output_dir / name).exists() for name in ("model", "metrics.jsonl")):
+            shutil.rmtree(output_dir, ignore_errors=True)  # nothing of the run in it: no step logged or saved
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {resume_note(output_dir)}") from None
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)

@@ -196,3 +196,20 @@ def test_a_second_signal_stops_at_once_in_one_line_naming_the_checkpoint_kept(ti
         capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {claimed}" in rerun.stdout
+
+
+def test_a_run_stopped_while_setting_up_names_no_checkpoint_and_leaves_no_output_dir(tiny_job, tmp_path, monkeypatch):
+    """A signal before the first step (here while the dataset opens): no step to save; the
+    folder the run created is removed and the message says the next run starts afresh."""
+    import jaxflip.train.loop as loop
+
+    opened = loop.load_documents
+
+    def signalled_while_opening(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_documents", signalled_while_opening)
+    with pytest.raises(loop.Interrupted, match="no checkpoint is saved: the next run starts from step 0"):
+        run(tiny_job(bitflip={"enable": False}))
+    assert not (tmp_path / "run").exists()
