@@ -159,7 +159,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     if str(name_or_path) == BUILTIN_TOKENIZER:
         name_or_path = builtin_tokenizer_dir()
     if Path(name_or_path).exists():
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:  # no tokenizer files there, or broken ones: transformers names neither
+            raise DataError(f"tokenizer {name_or_path}: not a readable tokenizer folder "
+                            f"({' '.join(str(error).split())[:300]})") from None
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,

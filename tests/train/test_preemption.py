@@ -105,15 +105,23 @@ def one_error_line(capsys) -> str:
     return err
 
 
-def test_start_over_with_a_failing_setup_keeps_the_old_run(tiny_job, tmp_path, capsys):
+@pytest.mark.parametrize("failing", ["tokenizer", "dataset"])
+def test_start_over_with_a_failing_setup_keeps_the_old_run(tiny_job, tmp_path, capsys, monkeypatch, failing):
+    """The setup fails after the config is read (a tokenizer folder that is gone, a dataset
+    file that is not text): the old run's checkpoints, model and metrics stay, byte for byte."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in CI
     config = tiny_job(training={"steps": 2, "save_freq": 2}, bitflip={"enable": False})
     assert run(config)["finished"]
     before = tree_bytes(tmp_path / "run")
+    (tmp_path / "binary.txt").write_bytes(b"\xff" + np.random.default_rng().bytes(999))
+    (tmp_path / "gone_tokenizer").mkdir()
+    bad = {"tokenizer": ["--data.tokenizer", str(tmp_path / "gone_tokenizer")],
+           "dataset": ["--data.dataset", str(tmp_path / "binary.txt")]}[failing]
     capsys.readouterr()
-    status = main(["--config", config_file(config, tmp_path), "--job.start_over", "true",
-                   "--data.dataset", str(tmp_path / "absent.txt")])
-    assert status == 2
-    assert "absent.txt" in one_error_line(capsys)
+    assert main(["--config", config_file(config, tmp_path), "--job.start_over", "true", *bad]) != 0
+    assert bad[1] in one_error_line(capsys)
     assert tree_bytes(tmp_path / "run") == before
 
 
