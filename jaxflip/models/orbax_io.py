@@ -91,8 +91,9 @@ def checked_config(source, values) -> LlamaConfig:
     missing = sorted(name for name, field in fields.items()
                      if name not in values and field.default is dataclasses.MISSING)
     if unknown or missing:
-        raise ValueError(f"{source}: config fields " + "; ".join(
-            ([f"missing {short_list(missing)}"] if missing else []) + ([f"unknown {short_list(unknown)}"] if unknown else [])))
+        problems = ([f"missing {short_list(missing)}"] if missing else []) + (
+            [f"unknown {short_list(unknown)}"] if unknown else [])
+        raise ValueError(f"{source}: config fields {'; '.join(problems)}")
     for name, value in values.items():
         kind, _, optional = fields[name].type.partition(" | ")
         if value is None and optional:

@@ -116,7 +116,8 @@ def resume_note(output_dir: Path) -> str:
     step = resume_step(output_dir)
     if step is None:
         return "no checkpoint is saved: the next run starts from step 0"
-    return f"the next run resumes from checkpoint step {step} ({Path(output_dir).absolute() / 'checkpoints' / str(step)})"
+    folder = Path(output_dir).absolute() / "checkpoints" / str(step)
+    return f"the next run resumes from checkpoint step {step} ({folder})"
 
 
 class Interrupted(KeyboardInterrupt):

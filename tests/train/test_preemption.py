@@ -42,8 +42,8 @@ def test_a_signal_during_a_log_step_saves_the_step_the_run_claims(tiny_job, tmp_
 
 
 def train_process(config_path: Path, cache_dir: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]), "JAXFLIP_COMPILATION_CACHE": str(cache_dir),
-                        "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]),
+                        "JAXFLIP_COMPILATION_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "jaxflip.train", "--config", str(config_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
