@@ -13,11 +13,12 @@ BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADi
 
 def os_error_code(error: BaseException) -> int | None:
     """The errno of an OS fault: an ``OSError``'s, or the one tensorstore (Orbax's writer)
-    puts in its ``ValueError`` message (``... No space left on device [os_error_code='28']``)."""
+    puts in its ``ValueError`` message (``... No space left on device [os_error_code='28']``),
+    or safetensors in its ``SafetensorError``'s (``... No space left on device (os error 28)``)."""
     if isinstance(error, OSError):
         return error.errno
-    match = re.search(r"os_error_code='(\d+)'", str(error))
-    return int(match.group(1)) if match else None
+    match = re.search(r"os_error_code='(\d+)'|\(os error (\d+)\)", str(error))
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def exit_status(error: BaseException) -> int:
@@ -26,6 +27,12 @@ def exit_status(error: BaseException) -> int:
     if isinstance(error, BAD_PATH_ERRORS):
         return 2
     return 1 if isinstance(error, OSError) or os_error_code(error) is not None else 2
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as ``Type: first line of its message``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class _ReportedOSFaults(logging.Filter):

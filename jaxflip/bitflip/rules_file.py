@@ -28,11 +28,11 @@ def read_bitflip_config(path: str | Path) -> BitflipConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"bitflip config {path} does not exist")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"{path}: cannot parse: {error}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot parse: {' '.join(str(error).split())}") from None
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{path}: expected a mapping of bitflip rules or a [{SECTION}] table")
     try:

@@ -14,7 +14,7 @@ import sys
 
 from jaxflip.cli import exit_status, quiet_reported_os_faults
 from jaxflip.convert import hf_orbax, titan_orbax
-from jaxflip.models.checkpoint_folder import DestinationExistsError
+from jaxflip.models.checkpoint_folder import DestinationExistsError, check_not_source
 from jaxflip.models.flavors import FLAVORS
 from jaxflip.models.tensor_io import DTYPE_CHOICES, ConversionError
 
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> str:
     """Run the parsed command; returns its summary line."""
+    check_not_source(args.src, args.dst)
     if args.command == "hf-to-orbax":
         return hf_orbax.hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                     max_shard_bytes=args.max_shard_size)

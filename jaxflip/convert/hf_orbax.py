@@ -4,6 +4,7 @@ jaxflip checkpoint and back, one tensor at a time, written aside and renamed int
 from __future__ import annotations
 
 import os
+import sys
 
 from jaxflip.models.checkpoint_folder import has_tokenizer, write_aside
 from jaxflip.models.hf_io import open_hf, write_hf_config
@@ -18,9 +19,12 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     files included; a tensor larger than ``row_block_bytes`` is read and written a block of
     rows at a time. Returns the summary line."""
     folder, source, config, names = open_hf(src, dtype)
+    tokenizer_dir = folder if has_tokenizer(folder) else None
+    if tokenizer_dir is None:  # eval then needs --tokenizer
+        print(f"note: {src} has no tokenizer files; the checkpoint will have none", file=sys.stderr, flush=True)
     with (Progress(len(names), f"hf-to-orbax {config.param_dtype}") as progress,
           write_aside(dst, overwrite=overwrite) as staging):
-        writer = CheckpointWriter(staging, config, tokenizer_dir=folder if has_tokenizer(folder) else None,
+        writer = CheckpointWriter(staging, config, tokenizer_dir=tokenizer_dir,
                                   max_shard_bytes=max_shard_bytes, row_block_bytes=row_block_bytes)
         for name in names:
             writer.add_from(source, name)

@@ -77,7 +77,21 @@ def load_documents(source: str, *, split: str = "train", subset: str | None = No
         dataset = datasets.Dataset.from_dict({"text": builtin_documents(split)})
     elif (builder := local_format(source)) is not None:
         files = [str(f) for f in sorted(Path(source).iterdir())] if Path(source).is_dir() else [source]
-        dataset = datasets.load_dataset(builder, data_files={"data": files}, split="data")
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar of the conversion stays on stderr above an error's one line
+        try:
+            dataset = datasets.load_dataset(builder, data_files={"data": files}, split="data")
+        # an empty, binary or malformed file: the builder's message does not name it (an empty
+        # JSON file ends the builder's generator early: StopIteration)
+        except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+            cause = error.__cause__ or error
+            if isinstance(cause, StopIteration):
+                raise DataError(f"{source}: holds no documents") from None
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise DataError(f"{source}: not a readable {builder} dataset ({detail})") from None
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         dataset = _text_column(dataset, text_field, source)
         if builder == "text":
             dataset = dataset.filter(lambda row: bool(row["text"].strip()))
@@ -145,7 +159,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     if str(name_or_path) == BUILTIN_TOKENIZER:
         name_or_path = builtin_tokenizer_dir()
     if Path(name_or_path).exists():
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:  # no tokenizer files there, or broken ones: transformers names neither
+            raise DataError(f"tokenizer {name_or_path}: not a readable tokenizer folder "
+                            f"({' '.join(str(error).split())[:300]})") from None
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,

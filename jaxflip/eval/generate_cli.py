@@ -61,6 +61,10 @@ def run(args) -> dict:
     if (bitflip := resolve_bitflip(model, args)) is not None:
         payload["bitflip"] = bitflip.apply(model).summary()
     prompt_ids = tokenizer(args.prompt)["input_ids"]
+    positions = model.config.max_position_embeddings
+    if len(prompt_ids) + args.max_new_tokens > positions:  # RoPE past the trained positions: no sensible text
+        raise ValueError(f"the prompt is {len(prompt_ids):,} tokens; with --max-new-tokens {args.max_new_tokens} "
+                         f"that passes the model's {positions:,} positions (max_position_embeddings); shorten it")
     stream = TextStream(tokenizer)
     sys.stdout.write(args.prompt)
     tokens = generate(model, np.asarray([prompt_ids], np.int32), args.max_new_tokens, do_sample=args.do_sample,

@@ -37,7 +37,8 @@ def task_manager(tasks: list[str], include_paths: list[str], metadata: dict | No
 def add_arguments(parser) -> None:
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. moby_dick,wikitext")
     parser.add_argument("--include-path", action="append", default=[],
-                        help="a folder of lm-eval task YAMLs (repeatable)")
+                        help="a folder of lm-eval task YAMLs (repeatable); a task folder is code: a YAML's "
+                             "!function imports and runs the Python file it names, so include only folders you trust")
     parser.add_argument("--backend", choices=BACKENDS, default="jax",
                         help="jax: the Flax model; torch: lm-eval's HFLM on an HF torch model (default: %(default)s)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per request")

@@ -57,6 +57,15 @@ def write_aside(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise
 
 
+def check_not_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``ValueError`` when writing ``dst`` would replace ``src`` or a folder holding it (a
+    conversion into its own source would lose the source once renamed into place)."""
+    source, destination = Path(src).resolve(), Path(dst).resolve()
+    if destination == source or destination in source.parents:
+        raise ValueError(f"{dst} is the source {src}{'' if destination == source else ' or holds it'}; "
+                         f"write the conversion elsewhere")
+
+
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja")

@@ -27,6 +27,7 @@ rules are applied after loading.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ from jax.sharding import Mesh
 
 from jaxflip.bitflip import BitFlipLoRALinear, named_linears
 from jaxflip.bitflip.lora import merged_weight
+from jaxflip.cli import one_line, os_error_code
 from jaxflip.models.checkpoint_folder import copy_tokenizer_files, write_aside
 from jaxflip.models.llama import LlamaForCausalLM
 from jaxflip.models.llama_config import Llama3RopeScaling, LlamaConfig
@@ -72,6 +74,39 @@ def config_from_dict(values: dict) -> LlamaConfig:
     if values.get("rope_scaling") is not None:
         values["rope_scaling"] = Llama3RopeScaling(**values["rope_scaling"])
     return LlamaConfig(**values)
+
+
+# the Python types a config field's JSON value may have, by the field's annotation
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Llama3RopeScaling": (dict,)}
+
+
+def checked_config(source, values) -> LlamaConfig:
+    """The ``LlamaConfig`` of a checkpoint's stored ``values``, or a ``ValueError`` naming
+    ``source`` and the field: a hand-edited or corrupt file must not reach a model or an HF
+    ``config.json``."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: 'config' is not a JSON object")
+    fields = {field.name: field for field in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(values) - set(fields))
+    missing = sorted(name for name, field in fields.items()
+                     if name not in values and field.default is dataclasses.MISSING)
+    if unknown or missing:
+        problems = ([f"missing {short_list(missing)}"] if missing else []) + (
+            [f"unknown {short_list(unknown)}"] if unknown else [])
+        raise ValueError(f"{source}: config fields {'; '.join(problems)}")
+    for name, value in values.items():
+        kind, _, optional = fields[name].type.partition(" | ")
+        if value is None and optional:
+            continue
+        allowed = _FIELD_TYPES[kind]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"{source}: config field {name} is {value!r}, not of type {kind}")
+        if kind == "int" and value < 1:
+            raise ValueError(f"{source}: config field {name} is {value}, not a positive integer")
+    try:
+        return config_from_dict(values)
+    except (TypeError, ValueError) as error:  # rope_scaling's fields; LlamaConfig's own checks
+        raise ValueError(f"{source}: {' '.join(str(error).split())}") from None
 
 
 def lora_settings(model: LlamaForCausalLM) -> dict | None:
@@ -226,13 +261,20 @@ def save(model: LlamaForCausalLM, path: str | os.PathLike, *, tokenizer_dir: str
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's ``jaxflip_model.json``, its config checked (``checked_config``)."""
     path = Path(path)
     if not is_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a jaxflip model checkpoint (no {METADATA_FILE})")
-    metadata = json.loads((path / METADATA_FILE).read_text())
-    if metadata.get("format") != "jaxflip-llama" or metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: unsupported checkpoint format {metadata.get('format')!r} "
-                         f"version {metadata.get('version')!r}")
+    try:
+        metadata = json.loads((path / METADATA_FILE).read_text())
+    except ValueError as error:  # cut short, or not text
+        raise ValueError(f"{path / METADATA_FILE}: not readable JSON ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != "jaxflip-llama" or (
+            metadata.get("version") not in READABLE_VERSIONS):
+        found = metadata if isinstance(metadata, dict) else {}
+        raise ValueError(f"{path}: unsupported checkpoint format {found.get('format')!r} "
+                         f"version {found.get('version')!r}")
+    checked_config(path / METADATA_FILE, metadata.get("config"))
     return metadata
 
 
@@ -256,8 +298,13 @@ def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata
         raise FileNotFoundError(f"{path}: no {PARAMS_DIR}/ folder")
     stored = {}
     for shard in sorted(params_dir.iterdir()):
-        metadata = ocp.StandardCheckpointer().metadata(shard)
-        for name, array in dict(metadata.item_metadata.tree).items():
+        try:
+            metadata = ocp.StandardCheckpointer().metadata(shard).item_metadata
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{shard}: not a readable Orbax checkpoint ({one_line(error)})") from None
+        if metadata is None:  # Orbax says nothing when its _METADATA file is gone
+            raise ValueError(f"{shard}: an incomplete Orbax checkpoint (no metadata of its arrays)")
+        for name, array in dict(metadata.tree).items():
             stored[name] = (shard, array)
     large_dir = params_dir.parent / LARGE_PARAMS_DIR
     for location in sorted(large_dir.iterdir()) if large_dir.is_dir() else ():
@@ -266,17 +313,31 @@ def stored_params(path: str | os.PathLike) -> dict[str, tuple[Path, ocp.metadata
     return stored
 
 
+@contextlib.contextmanager
+def reading(location: Path):
+    """A stored parameter that does not read back (a truncated or corrupt file: tensorstore's
+    and Orbax's errors, of any type) becomes a ``ValueError`` naming its file; an OS fault
+    (the disk, permissions) stays the environment's."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, OSError) or os_error_code(error) is not None:
+            raise
+        raise ValueError(f"{location}: stored weights do not read back ({one_line(error)})") from None
+
+
 def is_large_param(location: Path) -> bool:
     return location.parent.name == LARGE_PARAMS_DIR
 
 
 def read_param(location: Path, name: str) -> np.ndarray:
     """One stored parameter as a host numpy array, read alone from its shard or zarr array."""
-    if is_large_param(location):
-        return open_large_param(location).read().result()
-    restored = ocp.PyTreeCheckpointer().restore(location, args=ocp.args.PyTreeRestore(
-        item={name: 0}, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)}, partial_restore=True))
-    return restored[name]
+    with reading(location):
+        if is_large_param(location):
+            return open_large_param(location).read().result()
+        restored = ocp.PyTreeCheckpointer().restore(location, args=ocp.args.PyTreeRestore(
+            item={name: 0}, restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)}, partial_restore=True))
+        return restored[name]
 
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str | None = None,
@@ -303,13 +364,15 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str 
         sharding = shardings.get(name, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         if is_large_param(location):
             # each device's slice read alone: the host holds one slice at a time
-            stored_array = open_large_param(location)
-            restored[name] = array_from_device_slices(
-                tuple(array.shape), sharding, lambda index, a=stored_array: a[index].read().result())
+            with reading(location):
+                stored_array = open_large_param(location)
+                restored[name] = array_from_device_slices(
+                    tuple(array.shape), sharding, lambda index, a=stored_array: a[index].read().result())
         else:
             by_shard.setdefault(location, {})[name] = jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=sharding)
     for shard, targets in by_shard.items():
-        restored |= ocp.StandardCheckpointer().restore(shard, targets)
+        with reading(shard):
+            restored |= ocp.StandardCheckpointer().restore(shard, targets)
     for variable_path, variable in nnx.to_flat_state(params):
         name = ".".join(str(part) for part in variable_path)
         value = restored.pop(name)
@@ -337,6 +400,8 @@ class CheckpointSource(TensorSource):
             self.stored = stored_params(path)
         except FileNotFoundError as error:
             raise ConversionError(str(error)) from None
+        check_params(path, {name: array.shape for name, (_, array) in self.stored.items()},
+                     expected_params(self.config, self.lora))
         if self.lora and not merge_lora:
             raise ConversionError(f"{path} has LoRA adapters ({len(self.lora['layers'])} layers); "
                                   f"pass --merge-lora to fold them into the weights")

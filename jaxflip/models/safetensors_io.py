@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxflip.cli import os_error_code
 from jaxflip.models.checkpoint_folder import FILE_MODE, umask_mode
 from jaxflip.models.tensor_io import BFLOAT16, ConversionError, TensorSource
 
@@ -120,10 +121,17 @@ class SafetensorsShardWriter:
         self.total_bytes += array.nbytes
 
     def _write_shard(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         path = self.folder / f"shard-{len(self.files)}.safetensors"
-        save_file(self.shard, path, metadata={"format": "pt"})
+        try:
+            save_file(self.shard, path, metadata={"format": "pt"})
+        except SafetensorError as error:  # an OS fault inside its message: "... (os error 28)"
+            code = os_error_code(error)
+            if code is None:
+                raise
+            raise OSError(code, f"{os.strerror(code)}: writing {path}") from None
         path.chmod(umask_mode(FILE_MODE))  # safetensors writes its files private (0600), unlike every other file here
         self.files.append(list(self.shard))
         self.shard, self.shard_bytes = {}, 0

@@ -95,6 +95,8 @@ def random_bitflip_fn(x: torch.Tensor, exp_halves: int | None, frac_halves: int 
     ``exact=False``: the sampled flips of ``jaxflip.random_bitflip(..., exact=False)``."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"random_bitflip_fn: unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if x.layout != torch.strided:  # DLPack hands JAX dense memory only
+        raise TypeError(f"random_bitflip_fn: unsupported layout {x.layout}; expected a dense tensor (.to_dense())")
     check_halves("exp_halves", exp_halves)
     check_halves("frac_halves", frac_halves)
     zero_out_threshold = check_threshold(zero_out_threshold)

@@ -6,9 +6,11 @@ and exits; ``--plan 2x141,4x80`` prints its memory per device on those GPUs
 (``jaxflip.train.plan``) and exits. Without ``--config``, the built-in quickstart
 (``configs/quickstart.toml``'s settings) runs.
 
-Errors end with one ``error:`` line: exit status 2 for bad input (config, dataset), 1 for a
-run that cannot go on (a non-finite loss, no restorable checkpoint) or a fault of the
-environment (disk full, no permission).
+Errors end with one ``error:`` line: exit status 2 for bad input (config, dataset, model
+checkpoint, an ``output_dir`` another run holds), 1 for a run that cannot go on (a non-finite
+loss, no restorable checkpoint, a signal where no checkpoint could be saved) or a fault of the
+environment (disk full, no permission). A run stopped by a signal names the checkpoint the next
+run resumes from.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 
 import jax
 
-from jaxflip.cli import os_error_code
+from jaxflip.cli import exit_status
 from jaxflip.data.sources import DataError, HubUnavailableError
 from jaxflip.train.checkpoint_manager import CheckpointError
-from jaxflip.train.loop import NonFiniteError, derived_numbers, run
+from jaxflip.train.loop import Interrupted, NonFiniteError, derived_numbers, resume_note, run
 from jaxflip.train.metrics import MissingPackageError
 from jaxflip.train.plan import DEFAULT_SCENARIOS, Scenario, format_plan, plan
 from jaxflip.train.setup import mesh_mismatch
@@ -74,16 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     except (HubUnavailableError, MissingPackageError) as error:  # the environment, not the config
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (CheckpointError, NonFiniteError, OSError) as error:  # the run or its environment (disk, permissions)
+    except (CheckpointError, NonFiniteError, Interrupted) as error:  # the run cannot go on
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    except ValueError as error:  # an OS fault as tensorstore reports it (writing the exported model); else a bug
-        if os_error_code(error) is None:
-            raise
+    except (ValueError, OSError) as error:  # a bad model checkpoint or path (2); the disk, permissions (1)
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+        return exit_status(error)
     if not summary["finished"]:
-        print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")
+        if summary["resumes_from"] == summary["step"]:
+            print(f"stopped at step {summary['step']} with a checkpoint; run the same command to resume")
+        else:
+            print(f"stopped at step {summary['step']}; {resume_note(Path(summary['output_dir']))}")
     return 0
 
 

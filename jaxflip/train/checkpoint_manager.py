@@ -31,11 +31,14 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxflip.cli import os_error_code, quiet_reported_os_faults
+from jaxflip.cli import one_line, os_error_code, quiet_reported_os_faults
 from jaxflip.train.step import TrainState
 
 DATA_STATE_FILE = "stream.json"
 UNREADABLE_DIR = "checkpoints_unreadable"
+# what a run keeps in its output_dir, besides config.json (which a new run rewrites)
+RUN_STATE_DIRS = ("checkpoints", UNREADABLE_DIR, "data_state", "tensorboard", "model")
+RUN_STATE_FILES = ("metrics.jsonl", "loss.png")
 
 
 class CheckpointError(RuntimeError):
@@ -114,9 +117,7 @@ class Checkpointer:
         self.manager.reload()
 
     def _data_state_path(self, step: int) -> Path | None:
-        folder = self.data_directory / str(step)
-        # process_0.json: the name single-process runs wrote before the position became one file
-        return next((p for p in (folder / DATA_STATE_FILE, folder / "process_0.json") if p.is_file()), None)
+        return data_state_path(self.data_directory, step)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
         target = flatten(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -216,16 +217,26 @@ class Checkpointer:
         os.replace(partial, path)
 
 
-def one_line(error: BaseException) -> str:
-    """An exception as ``Type: first line of its message``."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+def data_state_path(data_directory: Path, step: int) -> Path | None:
+    """The data position of checkpoint ``step``, None when it was never written."""
+    folder = data_directory / str(step)
+    # process_0.json: the name single-process runs wrote before the position became one file
+    return next((p for p in (folder / DATA_STATE_FILE, folder / "process_0.json") if p.is_file()), None)
+
+
+def resume_step(output_dir: Path) -> int | None:
+    """The step the next run of ``output_dir`` resumes from, read from disk: its newest complete
+    checkpoint (a folder Orbax finalized, named by the step alone, with its data position);
+    None when there is none. What a stopped run names, so that its claim is what is on disk."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
+    return max((step for step in steps if data_state_path(Path(output_dir) / "data_state", step)), default=None)
 
 
 def remove_run_state(output_dir: Path) -> None:
     """Start over: drop the checkpoints, data positions and metrics of an earlier run."""
     output_dir = Path(output_dir)
-    for name in ("checkpoints", UNREADABLE_DIR, "data_state", "tensorboard", "model"):
+    for name in RUN_STATE_DIRS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "loss.png"):
+    for name in RUN_STATE_FILES:
         (output_dir / name).unlink(missing_ok=True)

@@ -4,7 +4,10 @@ Everything a run writes goes under ``[job] output_dir``: ``config.json`` (resolv
 ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` + ``data_state/``, ``loss.png`` and, at
 the end, ``model/`` (a ``jaxflip.models`` checkpoint that eval and the converters read).
 Running the same command again resumes from the latest checkpoint; ``--job.start_over true``
-discards it. SIGTERM (or Ctrl-C) saves a checkpoint at the current step and exits cleanly. A
+discards it once the new run's setup has passed. Runs of one ``output_dir`` exclude each other
+(``RunLock``). SIGTERM (or Ctrl-C) while stepping saves a checkpoint at the step reached and
+exits cleanly; at any other moment (setting up, exporting), or at a second signal, the run stops
+at once with ``Interrupted``, which names the checkpoint the next run resumes from. A
 non-finite loss or gradient stops the run before it is saved (``NonFiniteError``), or, up to
 ``training.skip_nonfinite`` times (skips before a resume count), skips the step (no update;
 ``make_train_step``).
@@ -14,21 +17,24 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxflip.data.pipeline import BatchStream, StreamSpec
-from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir
+from jaxflip.data.sources import BUILTIN_TOKENIZER, builtin_tokenizer_dir, load_documents
 from jaxflip.models import get_flavor, save
 from jaxflip.models.flavors import param_count
 from jaxflip.models.scan import unstack_layers
 from jaxflip.train import setup
-from jaxflip.train.checkpoint_manager import Checkpointer, remove_run_state
-from jaxflip.train.train_config import TrainConfig, resume_changes, to_dict
+from jaxflip.train.checkpoint_manager import RUN_STATE_DIRS, Checkpointer, remove_run_state, resume_step
+from jaxflip.train.run_lock import RunLock
+from jaxflip.train.train_config import ConfigError, TrainConfig, resume_changes, to_dict
 from jaxflip.train.metrics import MetricsLogger, StepProgress, device_memory_gib, format_record
 from jaxflip.train.step import (batch_sharding, flops_per_token, init_state, learning_rate_schedule,
                                 make_optimizer, make_train_step, merge_model, peak_flops, trainable_param_count)
@@ -93,6 +99,38 @@ def check_resume_config(config: TrainConfig, output_dir: Path) -> list[str]:
     return resume_changes(saved_config, config)
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """``ConfigError`` when ``output_dir``, a folder above it, or a folder the run keeps in it
+    is a file: found before anything is written (a file in Orbax's way fails only the first
+    save, and can leave its threads blocking the exit)."""
+    output_dir = output_dir.absolute()
+    for folder in reversed([output_dir, *output_dir.parents]):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"job.output_dir: {folder} is a file, not a folder")
+    for name in RUN_STATE_DIRS:
+        if (output_dir / name).exists() and not (output_dir / name).is_dir():
+            raise ConfigError(f"job.output_dir: {output_dir / name} is a file where the run keeps its {name} "
+                              f"folder; move it away")
+
+
+def resume_note(output_dir: Path) -> str:
+    """Where the next run of ``output_dir`` starts, as on disk now."""
+    step = resume_step(output_dir)
+    if step is None:
+        return "no checkpoint is saved: the next run starts from step 0"
+    folder = Path(output_dir).absolute() / "checkpoints" / str(step)
+    return f"the next run resumes from checkpoint step {step} ({folder})"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run where it could not save (setting up, exporting, or a second
+    signal); the message says which checkpoint the next run resumes from."""
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class _StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves and exits at the end of the current step."""
 
@@ -109,7 +147,7 @@ class _StopRequest:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+        print(f"\nreceived {signal.Signals(signum).name}: stopping after this step", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -117,19 +155,40 @@ class _StopRequest:
 
 
 def run(config: TrainConfig, *, on_step=None) -> dict:
-    """Train as configured; returns a summary. ``on_step(step, metrics)``: called after each
-    logged step (tests use it to interrupt a run)."""
+    """Train as configured; returns a summary (``resumes_from``: the step of the checkpoint the
+    next run resumes from, None without one). ``on_step(step, metrics)``: called after each
+    logged step (tests use it to interrupt a run). Holds ``output_dir``'s lock; a run that fails
+    or is stopped before it saved anything removes the ``output_dir`` it created."""
     setup.initialize_distributed(config)
+    output_dir = Path(config.job.output_dir)
+    check_output_dir(output_dir)
+    main_process = jax.process_index() == 0
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM outside the loop: as Ctrl-C
+    try:
+        if not main_process:
+            return _run(config, output_dir, on_step)
+        with RunLock(output_dir):
+            return _run(config, output_dir, on_step)
+    except BaseException as error:
+        if created and main_process and resume_step(output_dir) is None and not any(
+                (output_dir / name).exists() for name in ("model", "metrics.jsonl")):
+            shutil.rmtree(output_dir, ignore_errors=True)  # nothing of the run in it: no step logged or saved
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; {resume_note(output_dir)}") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(config: TrainConfig, output_dir: Path, on_step) -> dict:
     t = config.training
     lora = config.lora.r > 0
-    output_dir = Path(config.job.output_dir)
     main_process = jax.process_index() == 0
     if main_process:
         print(f"output_dir: {output_dir.absolute()}", flush=True)
-    if config.job.start_over and main_process:
-        remove_run_state(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    changes = check_resume_config(config, output_dir)
+    changes = [] if config.job.start_over else check_resume_config(config, output_dir)
 
     mesh = setup.build_mesh(config)
     model, model_tokenizer_dir = setup.build_model(config, mesh)
@@ -139,6 +198,9 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         print(f"bitflip: {flipped} of {len(rule_table)} Linear layers flip", flush=True)
     tokenizer = setup.load_config_tokenizer(config, model_tokenizer_dir, model)
     model_config = model.config
+    # the dataset opens (a bad file fails here, before anything in output_dir changes)
+    load_documents(config.data.dataset, split=config.data.split, subset=config.data.subset or None,
+                   text_field=config.data.text_field)
 
     tx = make_optimizer(t)
     graphdef, state, shardings, scanned = init_state(model, tx, mesh, lora)
@@ -146,6 +208,11 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
     if main_process:
         print("decoder layers: " + ("scanned" if scanned else
                                     "unrolled (a Python loop: the layers differ in their flip settings)"), flush=True)
+    if config.job.start_over:  # the new run's setup passed: the old run can go
+        if main_process:
+            remove_run_state(output_dir)
+        if jax.process_count() > 1:  # no process restores what process 0 is removing
+            multihost_utils.sync_global_devices("jaxflip_start_over")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
     checkpointer = (Checkpointer(output_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -207,9 +274,12 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                 state, metrics = train_step(state, batch)
                 step += 1
                 progress.step(step)
-                saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stop.requested)
+                # read once: a signal from here on (logging, validating, saving) is this step's
+                # if it came before, else the next one's, which then saves and stops
+                stopping = stop.requested
+                saving = checkpointer is not None and (step % t.save_freq == 0 or step == t.steps or stopping)
                 first = step == start + 1  # compiles the step: logged on its own, kept out of tokens/s
-                log_step = first or step % t.log_freq == 0 or step == t.steps or stop.requested
+                log_step = first or step % t.log_freq == 0 or step == t.steps or stopping
                 # the loss is fetched (a host sync) where it is logged or saved, and at every step
                 # that may have to be counted as skipped
                 if log_step or saving or t.skip_nonfinite:
@@ -243,8 +313,8 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
                     show(format_validation(validation))
                     summary_validation = validation
                 if saving:
-                    checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stop.requested)
-                if stop.requested:
+                    checkpointer.save(step, state._replace(frozen=None), stream.state(), force=stopping)
+                if stopping:
                     break
         if checkpointer:
             checkpointer.wait()
@@ -260,10 +330,12 @@ def run(config: TrainConfig, *, on_step=None) -> dict:
         print(f"already finished: the checkpoint is at step {start} of training.steps {t.steps}; nothing to train "
               f"(raise --training.steps to train on, or --job.start_over true to start again)", flush=True)
     summary = {"output_dir": str(output_dir.absolute()), "step": step, "finished": finished,
-               "loss": logger.last_loss() if record is None else record["loss"]}
+               "resumes_from": resume_step(output_dir), "loss": logger.last_loss() if record is None else record["loss"]}
     if summary_validation is not None:
         summary["val_loss"] = summary_validation["val_loss"]
     if finished and config.checkpoint.export_model:
+        if main_process:
+            print(f"exporting the model to {output_dir.absolute() / 'model'}", flush=True)
         summary["model"] = str(export_model(graphdef, state, output_dir, model_tokenizer_dir, config))
     if config.metrics.plot:
         plot = logger.plot()

@@ -202,7 +202,7 @@ def _parse_mapping(text: str, where: str) -> dict:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: not a mapping: {error}") from None
+        raise ConfigError(f"{where}: not a mapping: {' '.join(str(error).split())}") from None
 
 
 def from_dict(raw: dict) -> TrainConfig:
@@ -296,6 +296,8 @@ def check_positions(seq_len: int, positions: int, model: str) -> None:
 
 def read_file(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .toml or .yaml file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -316,7 +318,21 @@ def read_file(path: str | Path) -> dict:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a table of sections, got a {type(raw).__name__}")
+    if (where := non_string_key(raw)) is not None:  # YAML allows any key; every config field is named
+        raise ConfigError(f"{path}: the key {where} is not a string")
     return raw
+
+
+def non_string_key(table: dict, within: str = "") -> str | None:
+    """Where the first key of ``table`` (nested tables included) that is not a string is, as
+    ``section.123``; None when every key is a string."""
+    for key, value in table.items():
+        where = f"{within}{key!r}" if not isinstance(key, str) else f"{within}{key}"
+        if not isinstance(key, str):
+            return where
+        if isinstance(value, dict) and (inner := non_string_key(value, f"{where}.")) is not None:
+            return inner
+    return None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -37,3 +37,20 @@ def test_bad_sources_are_one_line_and_exit_2(command, source, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and source in err
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_hf_to_orbax_says_in_one_line_when_the_source_has_no_tokenizer(tmp_path, capsys, with_tokenizer):
+    import numpy as np
+    from hf_models import random_hf_model, tiny_hf_config
+
+    from jaxflip.data import builtin_tokenizer_dir
+    from jaxflip.models.checkpoint_folder import copy_tokenizer_files
+
+    random_hf_model(tiny_hf_config(), np.random.default_rng()).save_pretrained(tmp_path / "hf")
+    if with_tokenizer:
+        copy_tokenizer_files(builtin_tokenizer_dir(), tmp_path / "hf")
+    assert main(["hf-to-orbax", str(tmp_path / "hf"), str(tmp_path / "out")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no tokenizer files" in line]
+    assert notes == ([] if with_tokenizer else [f"note: {tmp_path / 'hf'} has no tokenizer files; the checkpoint "
+                                                f"will have none"])

@@ -52,7 +52,8 @@ def test_sigterm_then_resume_gives_the_losses_of_an_unbroken_run(tiny_job, tmp_p
 
     broken = tiny_job(job={"output_dir": str(tmp_path / "broken")}, **bitflip)
     first = run(broken, on_step=terminate_at_step_3)
-    assert first["step"] == 3 and not first["finished"]
+    # the signal comes after step 3 was logged: the run saves at the next step and stops there
+    assert first["step"] == first["resumes_from"] == 4 and not first["finished"]
     second = run(broken)
     assert second["finished"]
     assert len(losses(tmp_path / "broken")) == 6
@@ -71,9 +72,9 @@ def test_lora_resumes_with_the_losses_of_an_unbroken_run_from_checkpoints_withou
             os.kill(os.getpid(), signal.SIGTERM)
 
     broken = tiny_job(job={"output_dir": str(tmp_path / "broken")}, **lora)
-    assert run(broken, on_step=terminate_at_step_2)["step"] == 2
+    assert run(broken, on_step=terminate_at_step_2)["step"] == 3  # saved at the step after the signal
     checkpointer = Checkpointer(tmp_path / "broken", keep=1, async_save=False)
-    stored = checkpointer.manager.item_metadata(2)
+    stored = checkpointer.manager.item_metadata(3)
     checkpointer.close()
     assert any(key.startswith(".trainable") for key in stored)
     assert not any(key.startswith(".frozen") for key in stored)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from jaxflip.bitflip import BitFlipLinear, RuleTable, apply_rule_table, arm_for_tables, named_linears
 from jaxflip.bitflip.seeds import SEED_NAMES
+from jaxflip.cli import one_line
 from jaxflip.eval.perplexity import perplexity
 from jaxflip.eval.report import write_json
 from jaxflip.eval.sweep.points import CLEAN, SweepPoint, held_seeds, point_seeds
@@ -70,12 +71,16 @@ class PointStore:
         path = self.path(point)
         if not path.is_file():
             return fresh
-        stored = json.loads(path.read_text())
-        if stored.get("settings") != fresh["settings"] or stored.get("bitflip") != fresh["bitflip"]:
-            return fresh
-        # JSON has no NaN: write_json stored a non-finite loss as null
-        stored["seeds"] = {seed: {key: math.nan if value is None else value for key, value in result.items()}
-                           for seed, result in stored["seeds"].items()}
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("settings") != fresh["settings"] or stored.get("bitflip") != fresh["bitflip"]:
+                return fresh
+            # JSON has no NaN: write_json stored a non-finite loss as null
+            stored["seeds"] = {seed: {key: math.nan if value is None else value for key, value in result.items()}
+                               for seed, result in stored["seeds"].items()}
+        except (ValueError, AttributeError, KeyError, TypeError) as error:  # not JSON, or not a record's shape
+            raise ValueError(f"{path}: not a readable sweep point record ({one_line(error)}); move it away to "
+                             f"compute the point again") from None
         return stored
 
     def save(self, point: SweepPoint, record: dict) -> None:
