@@ -41,9 +41,14 @@ def test_a_signal_during_a_log_step_saves_the_step_the_run_claims(tiny_job, tmp_
     assert summary["resumes_from"] == summary["step"] == resume_step(tmp_path / "run")
 
 
-def train_process(config_path: Path, cache_dir: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(Path(jaxflip.__file__).parents[1]),
-                        "JAXFLIP_COMPILATION_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+def train_process(config_path: Path, cache_dir: Path, config=None) -> subprocess.Popen:
+    """``python -m jaxflip.train --config config_path`` (written from ``config`` first, if given),
+    its stdout and stderr merged, line by line."""
+    if config is not None:
+        config_path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
+    # this checkout first, and whatever PYTHONPATH already holds (an install folder) after it
+    path = os.pathsep.join(filter(None, [str(Path(jaxflip.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "JAXFLIP_COMPILATION_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "jaxflip.train", "--config", str(config_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -70,8 +75,7 @@ def test_sigterm_at_any_moment_names_a_checkpoint_that_exists_and_the_rerun_resu
     config = tiny_job(training={"steps": 6, "save_freq": 4, "log_freq": 1}, bitflip={"enable": False},
                       checkpoint={"async_save": True})
     config_path = tmp_path / "job.yaml"
-    config_path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
-    process = train_process(config_path, tmp_path / "xla")
+    process = train_process(config_path, tmp_path / "xla", config)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -181,8 +185,7 @@ def test_a_second_signal_stops_at_once_in_one_line_naming_the_checkpoint_kept(ti
     checkpoint that is on disk, and the rerun resumes from it."""
     config = tiny_job(training={"steps": 40, "save_freq": 2, "log_freq": 1}, bitflip={"enable": False})
     config_path = tmp_path / "job.yaml"
-    config_path.write_text(json.dumps(to_dict(config)))  # JSON is YAML
-    process = train_process(config_path, tmp_path / "xla")
+    process = train_process(config_path, tmp_path / "xla", config)
     lines = []
     for line in process.stdout:
         lines.append(line)
