@@ -9,10 +9,19 @@ marked ``gpu`` are skipped, with the reason, where there is no CUDA GPU (``pytes
 one runs exactly them).
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# the train CLI turns on a persistent XLA cache (default ~/.cache/jaxflip/xla) for its process:
+# one per test session, so that no run reads what an earlier one compiled (a fresh CI machine
+# has none) and the suite writes nothing under the user's home
+if "JAXFLIP_COMPILATION_CACHE" not in os.environ:
+    os.environ["JAXFLIP_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxflip-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAXFLIP_COMPILATION_CACHE"], ignore_errors=True)
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 # flips in each layer's down_proj only: the jnp Philox of every flip site compiles slowly on CPU
 # (all 14 Linears' flips: ~45 s of compile, this 2-core VM); the step is still scanned
@@ -48,6 +50,7 @@ def test_bad_variant_is_bad_input(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: --variants: unknown variant 'nope'")
 
 
+@pytest.mark.slow  # a child process per variant: 15 s
 def test_a_variants_xla_flags_reach_its_child_only(tmp_path):
     out = tmp_path / "rows.json"
     done = bench(tmp_path, "--config", str(ROOT / "configs" / "quickstart.toml"), "--training.seq_len", "16",

@@ -115,8 +115,14 @@ def test_zero_out_with_specials_matches_mase(dtype, threshold):
     assert_matches_mase(x, 3, 6, seed_exp=1, seed_frac=2, threshold=threshold)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("exp_halves,frac_halves,threshold", [(1, 1, None), (4, 13, 2.0), (None, 20, 1.0), (24, None, None)])
+INTERPRET_SETTINGS = [(1, 1, None), (4, 13, 2.0), (None, 20, 1.0), (24, None, None)]
+
+
+# each setting with one dtype (and each dtype) in the default run; the whole cross product, 7 s a
+# case in the interpreter, only with the slow tests
+@pytest.mark.parametrize("dtype, exp_halves, frac_halves, threshold", [
+    pytest.param(dtype, *setting, marks=() if DTYPES.index(dtype) == k % len(DTYPES) else pytest.mark.slow)
+    for k, setting in enumerate(INTERPRET_SETTINGS) for dtype in DTYPES])
 def test_pallas_interpret_equals_jnp(dtype, exp_halves, frac_halves, threshold):
     x = jnp.asarray(random_input((5, 3, 411), dtype, seed=31, specials=True))
     y_jnp, *seeds_jnp = jaxflip.random_bitflip(x, exp_halves, frac_halves, 8, 9, threshold, backend="jnp")
@@ -142,8 +148,11 @@ def test_large_and_warp_sized_blocks_equal_jnp(launch):
         np.testing.assert_array_equal(bits(got), bits(want), err_msg=dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["jnp", "interpret"])
+# the interpreter on 16-bit floats only with the slow tests: the kernel's 16-bit path is checked
+# against the jnp path in test_pallas_interpret_equals_jnp, whose gradient runs here
+@pytest.mark.parametrize("dtype, backend", [(dtype, backend) if backend == "jnp" or dtype == "float32" else
+                                            pytest.param(dtype, backend, marks=pytest.mark.slow)
+                                            for backend in ("jnp", "interpret") for dtype in DTYPES])
 def test_gradient_matches_mase_backward(dtype, backend):
     x = random_input(SHAPE, dtype, seed=41, specials=True)
     grad_y = random_input(SHAPE, dtype, seed=42)

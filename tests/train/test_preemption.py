@@ -69,7 +69,10 @@ MOMENTS = {
 }
 
 
-@pytest.mark.parametrize("moment", MOMENTS)
+# exporting only with the slow tests: the run has mostly decided to finish by then, and a signal
+# while exporting stops as one while setting up does (test_a_run_stopped_while_setting_up_...)
+@pytest.mark.parametrize("moment", [pytest.param(moment, marks=pytest.mark.slow) if moment == "exporting" else moment
+                                    for moment in MOMENTS])
 def test_sigterm_at_any_moment_names_a_checkpoint_that_exists_and_the_rerun_resumes_from_it(tiny_job, tmp_path,
                                                                                              moment):
     config = tiny_job(training={"steps": 6, "save_freq": 4, "log_freq": 1}, bitflip={"enable": False},
